@@ -1,0 +1,5 @@
+import sys
+
+from gcvimoe.cli import main
+
+sys.exit(main())
