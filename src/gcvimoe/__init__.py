@@ -1,2 +1,9 @@
-"""gcvimoe: GC ViT vision transformers whose MLP blocks are sparse Mixture-of-Experts."""
+"""gcvimoe: GC ViT vision transformers whose MLP blocks are sparse Mixture-of-Experts.
+
+Importing the package registers ``gcvimoe_<size>`` models in timm's registry.
+"""
 __version__ = "0.1.0"
+
+from gcvimoe.models import create_model, list_models  # noqa: E402  (registers the models in timm)
+
+__all__ = ['create_model', 'list_models', '__version__']

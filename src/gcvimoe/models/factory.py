@@ -1,0 +1,35 @@
+"""Build gcvimoe models by name, remembering the arguments so a checkpoint can rebuild the model on its own."""
+import difflib
+from typing import List
+
+import timm
+import torch.nn as nn
+
+from gcvimoe.errors import GcvimoeError
+
+
+def list_models() -> List[str]:
+    """Names of the registered gcvimoe models (``gcvimoe_nano`` ... ``gcvimoe_large``)."""
+    import gcvimoe.models.gcvit  # noqa: F401  (registers the models)
+    return timm.list_models('gcvimoe_*')
+
+
+def create_model(model_name: str, **kwargs) -> nn.Module:
+    """``timm.create_model`` for a gcvimoe model, recording ``model.model_name`` and ``model.model_args``.
+
+    Args:
+        model_name: A registered name, e.g. ``gcvimoe_tiny``.
+        **kwargs: Constructor arguments (``num_classes``, ``img_size``, ``num_experts``, ``top_k``, ...).
+
+    Raises:
+        GcvimoeError: the name is not a gcvimoe model (the nearest names are suggested).
+    """
+    names = list_models()
+    if model_name not in names:
+        close = difflib.get_close_matches(model_name, names, n=3)
+        hint = f"did you mean {', '.join(close)}?" if close else f"choose one of {', '.join(names)}"
+        raise GcvimoeError(f"unknown model {model_name!r}: {hint}")
+    model = timm.create_model(model_name, **kwargs)
+    model.model_name = model_name
+    model.model_args = {k: v for k, v in kwargs.items() if k not in ('pretrained', 'features_only', 'out_indices')}
+    return model
