@@ -15,7 +15,10 @@ def list_models() -> List[str]:
 
 
 def create_model(model_name: str, **kwargs) -> nn.Module:
-    """``timm.create_model`` for a gcvimoe model, recording ``model.model_name`` and ``model.model_args``.
+    """``timm.create_model`` for a gcvimoe model, with a clear error for an unknown name.
+
+    The model records ``model.model_name`` and ``model.model_args`` (the arguments given here, minus timm's
+    loading options), which checkpoints store so that the model can be rebuilt from the file alone.
 
     Args:
         model_name: A registered name, e.g. ``gcvimoe_tiny``.
@@ -29,7 +32,4 @@ def create_model(model_name: str, **kwargs) -> nn.Module:
         close = difflib.get_close_matches(model_name, names, n=3)
         hint = f"did you mean {', '.join(close)}?" if close else f"choose one of {', '.join(names)}"
         raise GcvimoeError(f"unknown model {model_name!r}: {hint}")
-    model = timm.create_model(model_name, **kwargs)
-    model.model_name = model_name
-    model.model_args = {k: v for k, v in kwargs.items() if k not in ('pretrained', 'features_only', 'out_indices')}
-    return model
+    return timm.create_model(model_name, **kwargs)

@@ -15,6 +15,7 @@ strictly. The implementation differs where it pays:
   (padded keys masked, padded tokens kept out of the MLP/MoE), and the global query is resized to the window when
   the tower's output does not match it. Relative position tables are resized on load when the window changes.
 """
+import inspect
 import math
 from functools import partial
 from typing import Callable, Dict, List, Optional, Sequence, Tuple, Union
@@ -619,11 +620,39 @@ class GlobalContextVit(nn.Module):
         if global_pool is None:
             global_pool = self.head.global_pool.pool_type
         self.global_pool = global_pool
+        if hasattr(self, 'model_args'):
+            self.model_args.update(num_classes=num_classes, global_pool=global_pool)
         device = self.head.fc.weight.device if isinstance(self.head.fc, nn.Linear) else None
         self.head = ClassifierHead(
             self.num_features, num_classes, pool_type=global_pool, drop_rate=self.drop_rate, device=device,
         )
         self.head.train(self.training)
+
+    def moe_report(self):
+        """The last forward's MoE outcome: ``report.aux_loss`` (the weighted aux losses summed over every MoE layer,
+        differentiable: add it to the task loss), ``report.losses`` and ``report.stats`` per layer, ``report.summary()``
+        as floats for logging. See :class:`gcvimoe.moe.MoEReport`.
+        """
+        from gcvimoe.moe import collect_moe_report
+        return collect_moe_report(self)
+
+    @torch.no_grad()
+    def routing_maps(self) -> Dict[str, torch.Tensor]:
+        """Each MoE layer's top-1 expert per token in the last forward, as a ``[b, H, W]`` map of the stage's grid."""
+        maps = {}
+        for stage_index, stage in enumerate(self.stages):
+            layout = stage.last_layout
+            for block_index, block in enumerate(stage.blocks):
+                stats = getattr(block.mlp, 'stats', None)
+                if not block.is_moe or stats is None or layout is None:
+                    continue
+                top1 = stats.top1_expert
+                if layout.valid_index is not None:  # padded windows: padding positions get -1
+                    full = top1.new_full((top1.shape[0], layout.num_windows * layout.tokens_per_window), -1)
+                    full[:, layout.valid_index] = top1
+                    top1 = full
+                maps[f'stages.{stage_index}.blocks.{block_index}.mlp'] = layout.reverse(top1.unsqueeze(-1))[:, 0]
+        return maps
 
     def _check_input(self, x: torch.Tensor) -> None:
         if x.ndim != 4 or x.shape[1] != self.in_chans:
@@ -738,13 +767,20 @@ default_cfgs = generate_default_cfgs({
 })
 
 
+_CONSTRUCTOR_ARGS = frozenset(inspect.signature(GlobalContextVit.__init__).parameters) - {'self', 'device', 'dtype'}
+
+
 def _variant(size: str, pretrained: bool, **kwargs) -> GlobalContextVit:
     model_args = dict(VARIANTS[size])
     model_args.update(MOE_DEFAULTS)
     if size == 'nano':
         model_args.update(in_chans=1)
     model_args.update(kwargs)
-    return _create_gcvimoe(f'gcvimoe_{size}', pretrained=pretrained, **model_args)
+    model = _create_gcvimoe(f'gcvimoe_{size}', pretrained=pretrained, **model_args)
+    # what a checkpoint needs to rebuild this model: the name and the arguments that differ from the variant's
+    model.model_name = f'gcvimoe_{size}'
+    model.model_args = {k: v for k, v in kwargs.items() if k in _CONSTRUCTOR_ARGS}
+    return model
 
 
 @register_model
