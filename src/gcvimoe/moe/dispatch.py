@@ -1,0 +1,82 @@
+"""Dispatch and combine: apply expert capacity, group the kept assignments by expert, and sum expert outputs back.
+
+Nothing here is ``[t, e, c]``: the kept assignments are sorted by expert (a stable argsort, O(n log n) for
+``n = t * k`` assignments) so every expert reads one contiguous segment and no padding slot is ever computed.
+"""
+import math
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from gcvimoe.moe.router import Routing
+
+
+@dataclass
+class DispatchPlan:
+    """The assignments that survived capacity, grouped by expert.
+
+    Attributes:
+        token_index: Token each kept assignment reads and writes ``[n]``, grouped by expert (expert 0's segment
+            first); within a segment assignments keep their slot-claiming order.
+        gates: Weight of each kept assignment's expert output ``[n]``.
+        tokens_per_expert: Kept assignments per expert ``[e]``, i.e. the segment lengths.
+        requested_per_expert: Assignments per expert before capacity ``[e]``.
+    """
+    token_index: Tensor
+    gates: Tensor
+    tokens_per_expert: Tensor
+    requested_per_expert: Tensor
+
+
+def count_per_expert(expert_index: Tensor, num_experts: int) -> Tensor:
+    """Assignments per expert ``[e]`` of ``expert_index`` ``[n]``; unlike ``bincount`` its shape never depends on the
+    data, which keeps it inside one ``torch.compile`` graph."""
+    counts = torch.zeros(num_experts, dtype=torch.long, device=expert_index.device)
+    return counts.index_add_(0, expert_index, torch.ones_like(expert_index))
+
+
+def expert_capacity(num_tokens: int, num_experts: int, top_k: int, capacity_factor: float) -> Optional[int]:
+    """Slots per expert, Tutel's rule: ``k * int(capacity_factor * ceil(t / e))``; None (no limit) for factor 0."""
+    if capacity_factor == 0:
+        return None
+    return top_k * int(capacity_factor * math.ceil(num_tokens / num_experts))
+
+
+def plan_dispatch(routing: Routing, num_experts: int, capacity: Optional[int]) -> DispatchPlan:
+    """Keep each expert's first ``capacity`` assignments in claiming order and group them by expert.
+
+    Args:
+        routing: Assignments ``[n]`` in slot-claiming order.
+        num_experts: Experts ``e``.
+        capacity: Slots per expert, or None for dropless.
+
+    Returns:
+        The plan; an assignment that finds its expert full is absent from it.
+    """
+    expert_index = routing.expert_index
+    requested = count_per_expert(expert_index, num_experts)
+    order = torch.argsort(expert_index, stable=True)  # grouped by expert, claiming order kept inside a group
+    kept = requested
+    if capacity is not None:
+        segment_start = requested.cumsum(0) - requested
+        slot = torch.arange(order.numel(), device=order.device) - segment_start[expert_index[order]]
+        order = order[slot < capacity]
+        kept = requested.clamp(max=capacity)
+    return DispatchPlan(token_index=routing.token_index[order], gates=routing.gates[order], tokens_per_expert=kept,
+                        requested_per_expert=requested)
+
+
+def combine(expert_out: Tensor, token_index: Tensor, num_tokens: int) -> Tensor:
+    """Sum the (already gated) expert outputs of every token; a token without a kept assignment gets zeros.
+
+    Args:
+        expert_out: Gated expert outputs ``[n, d]``.
+        token_index: Token of each row ``[n]``.
+        num_tokens: Tokens ``t``.
+
+    Returns:
+        The MoE output ``[t, d]``.
+    """
+    return expert_out.new_zeros(num_tokens, expert_out.shape[-1]).index_add_(0, token_index, expert_out)

@@ -1,0 +1,266 @@
+"""Experts: ``e`` MLPs with stacked weights, each computed only on the tokens routed to it.
+
+The weights are stacked tensors (``fc1_weight [e, d, h]``, ``fc2_weight [e, h, d]``) laid out so that
+``fc1_weight[i] = mlp.fc1.weight.T`` for a timm ``Mlp``. The experts take the dispatch plan (token indices grouped
+by expert) and return the gated, combined output per token, so no padding slot is ever computed.
+
+On CPU the whole expert MLP runs as one autograd node over chunks of at most ``CHUNK_ROWS`` rows of one expert:
+gather, fc1, activation, fc2, gate and scatter-add happen while a chunk is in cache, and only the fc1 output is saved
+for backward (the activation is recomputed there). A dense MLP instead streams its full ``[t, h]`` hidden tensor
+through memory several times and saves it twice, so this kernel costs a dense MLP's GEMMs and little else, and holds
+about half its activation memory. On CUDA in bf16 the experts run as two ``torch.nn.functional.grouped_mm`` calls.
+"""
+import math
+from typing import Callable, Iterator, List, Optional, Tuple, Union
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from timm.layers import to_2tuple
+
+from gcvimoe.moe.dispatch import combine
+
+CHUNK_ROWS = 1024  # a chunk's fc1 output (1024 x h floats) stays in L2/L3 between fc1, activation and fc2
+
+
+def _expert_chunks(tokens_per_expert: List[int]) -> Iterator[Tuple[int, int, int]]:
+    """``(expert, start, stop)`` row ranges of at most ``CHUNK_ROWS`` rows, in expert order."""
+    start = 0
+    for expert, size in enumerate(tokens_per_expert):
+        for chunk_start in range(start, start + size, CHUNK_ROWS):
+            yield expert, chunk_start, min(chunk_start + CHUNK_ROWS, start + size)
+        start += size
+
+
+def _linear(rows: Tensor, weight: Tensor, bias: Optional[Tensor], out: Optional[Tensor] = None) -> Tensor:
+    return torch.mm(rows, weight, out=out) if bias is None else torch.addmm(bias, rows, weight, out=out)
+
+
+def _expert_mlp_forward(x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, gates, token_index, chunks, act, hidden_keep,
+                        hidden=None, masks=None):
+    """Forward of :class:`_ExpertMLP`; fills ``hidden`` (fc1 outputs) and ``masks`` (dropout) when given."""
+    out = x.new_zeros(x.shape[0], fc2_weight.shape[-1])
+    # chunk-sized scratch buffers, reused so that every chunk's temporaries stay in cache and cost no page faults
+    rows_buffer = x.new_empty(CHUNK_ROWS, x.shape[1])
+    hidden_buffer = x.new_empty(CHUNK_ROWS, fc1_weight.shape[-1]) if hidden is None else None
+    out_buffer = x.new_empty(CHUNK_ROWS, fc2_weight.shape[-1])
+    for expert, start, stop in chunks:
+        index = token_index[start:stop]
+        rows = torch.index_select(x, 0, index, out=rows_buffer[:stop - start])
+        pre_act = hidden_buffer[:stop - start] if hidden is None else hidden[start:stop]
+        _linear(rows, fc1_weight[expert], None if fc1_bias is None else fc1_bias[expert], out=pre_act)
+        act_out = act(pre_act)
+        if hidden_keep < 1:
+            mask = masks[start:stop] if masks is not None else act_out.new_empty(act_out.shape, dtype=torch.bool)
+            act_out = act_out.mul_(mask.bernoulli_(hidden_keep)).div_(hidden_keep)
+        y = _linear(act_out, fc2_weight[expert], None if fc2_bias is None else fc2_bias[expert],
+                    out=out_buffer[:stop - start])
+        if gates is not None:
+            y.mul_(gates[start:stop].unsqueeze(1))
+        out.index_add_(0, index, y)
+    return out
+
+
+class _ExpertMLP(torch.autograd.Function):
+    """``out[t] = sum over rows r of token t: gate_r * fc2_e(drop(act(fc1_e(x[t]))))``, chunk by chunk.
+
+    Saved for backward: the input (not a gathered copy), the weights, the fc1 outputs and the dropout masks. The
+    gate's gradient comes from the fc2 input-gradient GEMM, so no output is saved either.
+    """
+
+    @staticmethod
+    def forward(ctx, x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, gates, token_index, chunks, act, hidden_keep):
+        hidden = x.new_empty(token_index.shape[0], fc1_weight.shape[-1])
+        masks = torch.empty(hidden.shape, dtype=torch.bool, device=x.device) if hidden_keep < 1 else None
+        out = _expert_mlp_forward(x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, gates, token_index, chunks, act,
+                                  hidden_keep, hidden=hidden, masks=masks)
+        ctx.save_for_backward(x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, gates, token_index, hidden, masks)
+        ctx.chunks, ctx.act, ctx.hidden_keep = chunks, act, hidden_keep
+        return out
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_out):
+        x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, gates, token_index, hidden, masks = ctx.saved_tensors
+        need_x, need_w1, need_b1, need_w2, need_b2, need_gates = ctx.needs_input_grad[:6]
+        need_pre_act = need_x or need_w1 or need_b1
+        grad_x = torch.zeros_like(x) if need_x else None
+        grad_w1 = torch.zeros_like(fc1_weight) if need_w1 else None
+        grad_b1 = torch.zeros_like(fc1_bias) if need_b1 else None
+        grad_w2 = torch.zeros_like(fc2_weight) if need_w2 else None
+        grad_b2 = torch.zeros_like(fc2_bias) if need_b2 else None
+        grad_gates = torch.empty_like(gates) if need_gates else None
+        for expert, start, stop in ctx.chunks:
+            index = token_index[start:stop]
+            grad_y = grad_out.index_select(0, index)  # [c, d_out], unscaled by the gate
+            with torch.enable_grad():
+                pre_act = hidden[start:stop].detach().requires_grad_()
+                act_out = ctx.act(pre_act)
+            fc2_in = act_out.detach()
+            if masks is not None:
+                fc2_in = fc2_in * masks[start:stop] / ctx.hidden_keep
+            gate = None if gates is None else gates[start:stop].unsqueeze(1)
+            grad_y_gated = grad_y if gate is None else grad_y * gate
+            if need_w2:
+                grad_w2[expert].addmm_(fc2_in.t(), grad_y_gated)
+            if need_b2:
+                grad_b2[expert] += grad_y_gated.sum(0)
+            if not (need_gates or need_pre_act):
+                continue
+            grad_fc2_in = grad_y @ fc2_weight[expert].t()  # unscaled: its row-wise dot with fc2_in is the gate's
+            if need_gates:
+                grad_gates[start:stop] = torch.linalg.vecdot(grad_fc2_in, fc2_in)
+                if fc2_bias is not None:
+                    grad_gates[start:stop] += grad_y @ fc2_bias[expert]
+            if not need_pre_act:
+                continue
+            if gate is not None:
+                grad_fc2_in.mul_(gate)
+            if masks is not None:
+                grad_fc2_in.mul_(masks[start:stop]).div_(ctx.hidden_keep)
+            (grad_pre_act,) = torch.autograd.grad(act_out, pre_act, grad_fc2_in)
+            if need_w1:
+                grad_w1[expert].addmm_(x.index_select(0, index).t(), grad_pre_act)
+            if need_b1:
+                grad_b1[expert] += grad_pre_act.sum(0)
+            if need_x:
+                grad_x.index_add_(0, index, grad_pre_act @ fc1_weight[expert].t())
+        return grad_x, grad_w1, grad_b1, grad_w2, grad_b2, grad_gates, None, None, None, None
+
+
+def _grouped_mm_supported(x: Tensor, weight: Tensor) -> bool:
+    """torch's grouped GEMM kernel: CUDA, bf16, SM 8.0+, 16-byte aligned rows."""
+    return (x.is_cuda and x.dtype == torch.bfloat16 and weight.shape[-2] % 8 == 0 and weight.shape[-1] % 8 == 0
+            and torch.cuda.get_device_capability(x.device) >= (8, 0))
+
+
+def _grouped_linear(rows: Tensor, weight: Tensor, bias: Optional[Tensor], tokens_per_expert: Tensor,
+                    offsets: Tensor) -> Tensor:
+    out = F.grouped_mm(rows, weight, offs=offsets)
+    if bias is None:
+        return out
+    return out + bias.repeat_interleave(tokens_per_expert, dim=0, output_size=rows.shape[0])
+
+
+class Experts(nn.Module):
+    """``e`` two-layer MLPs (fc1, activation, dropout, fc2, dropout), as timm's ``Mlp`` but with stacked weights.
+
+    Args:
+        num_experts: Experts ``e``.
+        in_features: Input width ``d``.
+        hidden_features: Hidden width ``h``.
+        out_features: Output width.
+        act_layer: Activation module class.
+        drop: Dropout after the activation and on the output (a float or a pair), as in timm's ``Mlp``; the output
+            dropout acts on the combined output of a token.
+        expert_dropout: Extra dropout on the hidden activations (Swin-MoE's ``moe_drop``); it composes with the
+            hidden dropout of ``drop`` into one dropout of rate ``1 - (1 - p1) * (1 - p2)``.
+        bias: Biases in fc1 and fc2 (a bool or a pair).
+    """
+
+    def __init__(
+            self,
+            num_experts: int,
+            in_features: int,
+            hidden_features: int,
+            out_features: int,
+            act_layer: Callable[[], nn.Module] = nn.GELU,
+            drop: Union[float, Tuple[float, float]] = 0.,
+            expert_dropout: float = 0.,
+            bias: Union[bool, Tuple[bool, bool]] = True,
+            device=None,
+            dtype=None,
+    ):
+        super().__init__()
+        dd = dict(device=device, dtype=dtype)
+        self.num_experts = num_experts
+        self.in_features = in_features
+        self.hidden_features = hidden_features
+        self.out_features = out_features
+        bias = to_2tuple(bias)
+        drop_probs = to_2tuple(drop)
+        self.fc1_weight = nn.Parameter(torch.empty(num_experts, in_features, hidden_features, **dd))
+        self.fc1_bias = nn.Parameter(torch.empty(num_experts, hidden_features, **dd)) if bias[0] else None
+        self.act = act_layer()
+        if getattr(self.act, 'inplace', False):
+            raise ValueError(f"act_layer {self.act} works in place, but the experts recompute the activation from its "
+                             f"input in backward; use an out-of-place activation")
+        self.drop1 = nn.Dropout(1. - (1. - drop_probs[0]) * (1. - expert_dropout))
+        self.fc2_weight = nn.Parameter(torch.empty(num_experts, hidden_features, out_features, **dd))
+        self.fc2_bias = nn.Parameter(torch.empty(num_experts, out_features, **dd)) if bias[1] else None
+        self.drop2 = nn.Dropout(drop_probs[1])
+        for param in self.parameters():
+            param.is_expert = True  # data-parallel code reduces these over expert replicas only
+        self.reset_parameters()
+
+    def reset_parameters(self):
+        """Initialise every expert as a fresh ``nn.Linear`` pair: uniform in ``+-1/sqrt(fan_in)``."""
+        for weight, bias in ((self.fc1_weight, self.fc1_bias), (self.fc2_weight, self.fc2_bias)):
+            bound = 1. / math.sqrt(weight.shape[1])
+            nn.init.uniform_(weight, -bound, bound)
+            if bias is not None:
+                nn.init.uniform_(bias, -bound, bound)
+
+    def extra_repr(self) -> str:
+        return (f"num_experts={self.num_experts}, in_features={self.in_features}, "
+                f"hidden_features={self.hidden_features}, out_features={self.out_features}")
+
+    def forward(self, x: Tensor, tokens_per_expert: Tensor, token_index: Tensor, gates: Optional[Tensor] = None
+                ) -> Tensor:
+        """Run every expert on its tokens and sum the gated outputs back per token.
+
+        Args:
+            x: Tokens ``[t, d]``.
+            tokens_per_expert: Rows per expert ``[e]``; expert ``i``'s rows follow expert ``i - 1``'s.
+            token_index: Token each row reads and writes ``[n]``, grouped by expert.
+            gates: Weight of each row's output ``[n]``, or None for 1.
+
+        Returns:
+            ``[t, d_out]``: per token, the gated sum of its rows' expert outputs (zeros for a token without rows), in
+            the autocast dtype when autocast is on.
+        """
+        device_type = x.device.type
+        if torch.is_autocast_enabled(device_type):
+            x = x.to(torch.get_autocast_dtype(device_type))
+        params = [None if p is None else p.to(x.dtype)
+                  for p in (self.fc1_weight, self.fc1_bias, self.fc2_weight, self.fc2_bias)]
+        gates = None if gates is None else gates.to(x.dtype)
+        with torch.autocast(device_type, enabled=False):
+            if _grouped_mm_supported(x, params[0]):
+                out = self._grouped_mm_forward(x, params, tokens_per_expert, token_index, gates)
+            else:
+                chunks = list(_expert_chunks(tokens_per_expert.tolist()))
+                hidden_keep = 1. - self.drop1.p if self.training else 1.
+                args = (x, *params, gates, token_index, chunks, self.act, hidden_keep)
+                if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, *params, gates)):
+                    out = _ExpertMLP.apply(*args)
+                else:
+                    out = _expert_mlp_forward(*args)
+        return self.drop2(out)
+
+    def _grouped_mm_forward(self, x, params, tokens_per_expert, token_index, gates):
+        """The experts as two grouped GEMMs over all rows (CUDA), differentiated by autograd."""
+        fc1_weight, fc1_bias, fc2_weight, fc2_bias = params
+        offsets = tokens_per_expert.cumsum(0).to(torch.int32)
+        hidden = _grouped_linear(x.index_select(0, token_index), fc1_weight, fc1_bias, tokens_per_expert, offsets)
+        out = _grouped_linear(self.drop1(self.act(hidden)), fc2_weight, fc2_bias, tokens_per_expert, offsets)
+        if gates is not None:
+            out = out * gates.unsqueeze(1)
+        return combine(out, token_index, x.shape[0])
+
+    def load_from_mlp(self, mlp: nn.Module, noise_std: float = 0.) -> None:
+        """Copy a timm ``Mlp`` into every expert (sparse upcycling): ``fc1_weight[i] = mlp.fc1.weight.T`` etc.
+
+        Args:
+            mlp: A module with ``fc1`` and ``fc2`` linear layers of matching shapes and bias presence.
+            noise_std: Standard deviation of Gaussian noise added to each expert's copy, to break the symmetry.
+        """
+        pairs = ((self.fc1_weight, mlp.fc1.weight.t()), (self.fc1_bias, mlp.fc1.bias),
+                 (self.fc2_weight, mlp.fc2.weight.t()), (self.fc2_bias, mlp.fc2.bias))
+        with torch.no_grad():
+            for target, source in pairs:
+                if target is None:
+                    continue
+                target.copy_(source.unsqueeze(0).expand_as(target))
+                if noise_std > 0:
+                    target.add_(torch.randn_like(target), alpha=noise_std)

@@ -1,0 +1,270 @@
+"""The MoE layer, a drop-in for timm's ``Mlp``, and the helpers that find MoE layers in a model.
+
+One forward pass: router logits (fp32) -> routing rule -> capacity and grouping by expert (dispatch) -> experts on
+their own tokens, gated and summed back per token. After it, the layer holds its auxiliary losses and routing
+statistics::
+
+    moe = MoE(384, 768, num_experts=8, top_k=2, normalize_gates=True)
+    y = moe(x)                                  # x [..., 384] -> y [..., 384]
+    loss = task_loss + collect_aux_loss(model)  # weighted router losses of every MoE layer
+    print(collect_moe_report(model).summary())  # {'aux_loss': ..., 'dropped_fraction': ..., ...}
+"""
+from typing import Callable, Dict, Iterator, Optional, Tuple, Union
+
+import torch
+from timm.layers import Mlp
+from torch import Tensor, nn
+
+from gcvimoe.errors import GcvimoeError
+from gcvimoe.moe.dispatch import expert_capacity, plan_dispatch
+from gcvimoe.moe.experts import Experts
+from gcvimoe.moe.losses import gshard_balance_loss, importance_loss, load_loss, z_loss
+from gcvimoe.moe.router import CosineRouter, LinearRouter, Routing, expert_choice_routing, top_k_routing
+from gcvimoe.moe.stats import MoEReport, RoutingStats, routing_stats
+
+ROUTERS = ('linear', 'cosine', 'expert_choice')
+BALANCE_LOSSES = ('gshard', 'importance_load', 'none')
+
+
+def _check(condition: bool, message: str):
+    if not condition:
+        raise ValueError(message)
+
+
+class MoE(nn.Module):
+    """Sparse Mixture-of-Experts MLP with the routing semantics of Tutel, V-MoE and DeepSpeed-MoE.
+
+    Tokens are routed by a router that runs in fp32; each expert computes only the tokens routed to it and kept by
+    its capacity. A dropped token's MoE output is zero (the block's residual carries it), or the shared expert's
+    output when there is one.
+
+    Args:
+        in_features: Input width ``d``.
+        hidden_features: Hidden width of every expert (default ``in_features``).
+        out_features: Output width (default ``in_features``).
+        act_layer: Activation module class of the experts.
+        drop: Dropout after the activation and after fc2, as in timm's ``Mlp`` (a float or a pair).
+        bias: Biases in fc1 and fc2 (a bool or a pair; Swin-MoE uses ``(True, False)``).
+        num_experts: Experts ``e``.
+        top_k: Experts per token ``k``; for expert choice, ``k`` scales the tokens each expert takes.
+        capacity_factor: Training capacity factor; an expert takes ``k * int(factor * ceil(t / e))`` assignments of a
+            batch of ``t`` tokens, 0 means no limit (dropless).
+        eval_capacity_factor: The same in eval mode; the default 0 is dropless, so a prediction never depends on the
+            rest of the batch. Expert choice always has a capacity: there 0 stands for a factor of 1.
+        router: ``'linear'`` (top-k of a softmax over all experts), ``'cosine'`` (Swin-MoE's cosine similarity with a
+            learned temperature) or ``'expert_choice'`` (every expert picks its tokens; linear scores).
+        normalize_gates: Divide a token's ``k`` gates by their sum, before capacity drops; with ``k = 1`` the gate is 1.
+        batch_priority: Batch-priority routing: tokens with a higher top-1 probability claim slots first.
+        gate_noise: Noisy routing in training: Gaussian noise of std ``gate_noise / e`` on the logits (V-MoE, Tutel).
+        expert_dropout: Extra dropout on the experts' hidden activations (Swin-MoE).
+        balance_loss: ``'gshard'`` (``e * sum_e mean_t(p_te) * f_e``), ``'importance_load'`` (V-MoE; the mean of the
+            importance and load losses, the load loss only with gate noise) or ``'none'``.
+        aux_loss_weight: Weight of the balance loss in ``aux_loss``.
+        z_loss_weight: Weight of the ST-MoE router z-loss in ``aux_loss``.
+        shared_expert: Add a dense ``Mlp`` beside the experts, mixed per token by a learned softmax coefficient
+            (DeepSpeed's residual MoE).
+
+    Attributes set by every forward pass:
+        aux_loss: Weighted sum of the router losses, a differentiable 0-dim tensor (0 when no loss applies).
+        losses: Unweighted losses for logging, detached: ``'balance'`` or ``'importance'`` and ``'load'``, and ``'z'``.
+        stats: :class:`RoutingStats` of the pass.
+    """
+
+    def __init__(
+            self,
+            in_features: int,
+            hidden_features: Optional[int] = None,
+            out_features: Optional[int] = None,
+            act_layer: Callable[[], nn.Module] = nn.GELU,
+            drop: Union[float, Tuple[float, float]] = 0.,
+            bias: Union[bool, Tuple[bool, bool]] = True,
+            *,
+            num_experts: int,
+            top_k: int = 1,
+            capacity_factor: float = 1.25,
+            eval_capacity_factor: float = 0.0,
+            router: str = 'linear',
+            normalize_gates: bool = False,
+            batch_priority: bool = True,
+            gate_noise: float = 0.0,
+            expert_dropout: float = 0.0,
+            balance_loss: str = 'gshard',
+            aux_loss_weight: float = 0.01,
+            z_loss_weight: float = 0.0,
+            shared_expert: bool = False,
+            device=None,
+            dtype=None,
+    ):
+        super().__init__()
+        dd = dict(device=device, dtype=dtype)
+        hidden_features = hidden_features or in_features
+        out_features = out_features or in_features
+        _check(isinstance(num_experts, int) and num_experts >= 1,
+               f"num_experts must be an integer >= 1, got {num_experts!r}")
+        _check(isinstance(top_k, int) and 1 <= top_k <= num_experts,
+               f"top_k must be an integer in [1, num_experts={num_experts}], got {top_k!r}")
+        _check(capacity_factor >= 0, f"capacity_factor must be >= 0 (0 = dropless), got {capacity_factor}")
+        _check(eval_capacity_factor >= 0,
+               f"eval_capacity_factor must be >= 0 (0 = dropless), got {eval_capacity_factor}")
+        _check(router in ROUTERS, f"router must be one of {ROUTERS}, got {router!r}")
+        _check(balance_loss in BALANCE_LOSSES, f"balance_loss must be one of {BALANCE_LOSSES}, got {balance_loss!r}")
+        _check(gate_noise >= 0, f"gate_noise must be >= 0, got {gate_noise}")
+        _check(gate_noise == 0 or router != 'expert_choice',
+               f"gate_noise applies to the token-choice routers ('linear', 'cosine'), got {gate_noise} with "
+               f"router='expert_choice'")
+        _check(0 <= expert_dropout < 1, f"expert_dropout must be in [0, 1), got {expert_dropout}")
+        _check(aux_loss_weight >= 0 and z_loss_weight >= 0,
+               f"aux_loss_weight and z_loss_weight must be >= 0, got {aux_loss_weight} and {z_loss_weight}")
+        self.in_features = in_features
+        self.hidden_features = hidden_features
+        self.out_features = out_features
+        self.num_experts = num_experts
+        self.top_k = top_k
+        self.capacity_factor = capacity_factor
+        self.eval_capacity_factor = eval_capacity_factor
+        self.router_type = router
+        self.normalize_gates = normalize_gates
+        self.batch_priority = batch_priority
+        self.gate_noise = gate_noise
+        self.balance_loss = balance_loss
+        self.aux_loss_weight = aux_loss_weight
+        self.z_loss_weight = z_loss_weight
+
+        router_class = CosineRouter if router == 'cosine' else LinearRouter
+        self.router = router_class(in_features, num_experts, **dd)
+        self.experts = Experts(num_experts, in_features, hidden_features, out_features, act_layer=act_layer,
+                               drop=drop, expert_dropout=expert_dropout, bias=bias, **dd)
+        if shared_expert:
+            self.shared_expert = Mlp(in_features, hidden_features, out_features, act_layer=act_layer, bias=bias,
+                                     drop=drop, **dd)
+            self.shared_expert_gate = nn.Linear(in_features, 2, **dd)
+        else:
+            self.shared_expert = self.shared_expert_gate = None
+
+        self.aux_loss: Optional[Tensor] = None
+        self.losses: Dict[str, Tensor] = {}
+        self.stats: Optional[RoutingStats] = None
+
+    def __getstate__(self):
+        # the last forward's losses hold its autograd graph, which neither deepcopy (EMA) nor pickle can take
+        state = super().__getstate__()
+        state.update(aux_loss=None, losses={}, stats=None)
+        return state
+
+    def extra_repr(self) -> str:
+        capacity = f"capacity_factor={self.capacity_factor}, eval_capacity_factor={self.eval_capacity_factor}"
+        return f"num_experts={self.num_experts}, top_k={self.top_k}, router={self.router_type!r}, {capacity}"
+
+    def capacity(self, num_tokens: int) -> Optional[int]:
+        """Slots per expert for a batch of ``num_tokens`` in the current mode; None for dropless."""
+        factor = self.capacity_factor if self.training else self.eval_capacity_factor
+        if self.router_type == 'expert_choice':
+            factor = factor or 1.0
+        return expert_capacity(num_tokens, self.num_experts, self.top_k, factor)
+
+    def forward(self, x: Tensor) -> Tensor:
+        """Route every token of ``x`` ``[..., d]`` to its experts; returns ``[..., d_out]``."""
+        if x.shape[-1] != self.in_features:
+            raise ValueError(f"MoE input must have last dimension in_features={self.in_features}, got shape "
+                             f"{tuple(x.shape)}")
+        input_shape = x.shape[:-1]
+        tokens = x.reshape(-1, self.in_features)
+        num_tokens = tokens.shape[0]
+        logits = self.router(tokens)
+        capacity = self.capacity(num_tokens)
+        if self.router_type == 'expert_choice':
+            routing = expert_choice_routing(logits, capacity)
+            capacity = None  # experts took at most their capacity already
+        else:
+            noise_std = self.gate_noise / self.num_experts if self.training else 0.
+            routing = top_k_routing(logits, self.top_k, normalize_gates=self.normalize_gates,
+                                    batch_priority=self.batch_priority, noise_std=noise_std)
+        plan = plan_dispatch(routing, self.num_experts, capacity)
+        out = self.experts(tokens, plan.tokens_per_expert, plan.token_index, gates=plan.gates)
+        if self.shared_expert is not None:
+            mix = torch.softmax(self.shared_expert_gate(tokens), dim=-1)
+            out = out * mix[:, :1] + self.shared_expert(tokens) * mix[:, 1:]
+
+        losses = self._router_losses(routing)
+        self.aux_loss = self._weighted_loss(losses, logits)
+        self.losses = {name: loss.detach() for name, loss in losses.items()}
+        self.stats = routing_stats(routing, plan, input_shape)
+        return out.reshape(*input_shape, self.out_features)
+
+    def _router_losses(self, routing: Routing) -> Dict[str, Tensor]:
+        losses = {}
+        if self.balance_loss == 'gshard':
+            losses['balance'] = gshard_balance_loss(routing.probs, routing.top1_expert)
+        elif self.balance_loss == 'importance_load':
+            clean_probs = routing.probs if routing.noisy_logits is None else torch.softmax(routing.logits, dim=-1)
+            losses['importance'] = importance_loss(clean_probs)
+            if routing.noisy_logits is not None:
+                losses['load'] = load_loss(routing.logits, routing.noisy_logits, routing.noise_std, self.top_k)
+        losses['z'] = z_loss(routing.logits)
+        return losses
+
+    def _weighted_loss(self, losses: Dict[str, Tensor], logits: Tensor) -> Tensor:
+        aux_loss = logits.new_zeros(())
+        balance_terms = [losses[name] for name in ('balance', 'importance', 'load') if name in losses]
+        if balance_terms and self.aux_loss_weight > 0:
+            aux_loss = aux_loss + self.aux_loss_weight * sum(balance_terms) / len(balance_terms)
+        if self.z_loss_weight > 0:
+            aux_loss = aux_loss + self.z_loss_weight * losses['z']
+        return aux_loss
+
+    def load_from_mlp(self, mlp: Mlp, noise_std: float = 0.0) -> None:
+        """Sparse upcycling: copy a dense timm ``Mlp`` into every expert (and the shared expert); the router is kept.
+
+        Args:
+            mlp: The dense MLP this layer replaces, with the same widths and biases.
+            noise_std: Standard deviation of Gaussian noise added to each expert's copy, to break the symmetry.
+        """
+        expected = (self.hidden_features, self.in_features), (self.out_features, self.hidden_features)
+        found = tuple(mlp.fc1.weight.shape), tuple(mlp.fc2.weight.shape)
+        if found != expected:
+            raise ValueError(f"load_from_mlp: the MLP's fc1/fc2 weights are {found[0]}/{found[1]} but this MoE layer "
+                             f"needs {expected[0]}/{expected[1]}")
+        for layer, expert_bias in ((mlp.fc1, self.experts.fc1_bias), (mlp.fc2, self.experts.fc2_bias)):
+            if (layer.bias is None) != (expert_bias is None):
+                raise ValueError(f"load_from_mlp: the MLP's biases (fc1 {mlp.fc1.bias is not None}, fc2 "
+                                 f"{mlp.fc2.bias is not None}) differ from the experts' (fc1 "
+                                 f"{self.experts.fc1_bias is not None}, fc2 {self.experts.fc2_bias is not None})")
+        self.experts.load_from_mlp(mlp, noise_std=noise_std)
+        if self.shared_expert is not None:
+            self.shared_expert.load_state_dict(mlp.state_dict())
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        key = prefix + 'experts.fc1_weight'
+        if key in state_dict and state_dict[key].shape[0] != self.experts.num_experts:
+            found = state_dict[key].shape[0]
+            raise GcvimoeError(
+                f"MoE layer {prefix.rstrip('.') or '(root)'}: the checkpoint has {found} experts but the model has "
+                f"{self.experts.num_experts}; build the model with num_experts={found}, or shard/gather the experts "
+                f"with gcvimoe.moe.parallel")
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
+
+def moe_layers(model: nn.Module) -> Iterator[Tuple[str, MoE]]:
+    """Yield ``(qualified_name, layer)`` for every :class:`MoE` in ``model`` (the model itself included)."""
+    for name, module in model.named_modules():
+        if isinstance(module, MoE):
+            yield name, module
+
+
+def collect_aux_loss(model: nn.Module) -> Tensor:
+    """Sum of the weighted auxiliary losses of the last forward pass of every MoE layer; 0 if there are none."""
+    losses = [layer.aux_loss for _, layer in moe_layers(model) if layer.aux_loss is not None]
+    if losses:
+        return torch.stack(losses).sum()
+    param = next(model.parameters(), None)
+    return torch.zeros((), device=None if param is None else param.device)
+
+
+def collect_moe_report(model: nn.Module) -> MoEReport:
+    """Losses and routing statistics of the last forward pass of every MoE layer in ``model``."""
+    layers = [(name, layer) for name, layer in moe_layers(model) if layer.stats is not None]
+    return MoEReport(
+        aux_loss=collect_aux_loss(model),
+        losses={name: dict(layer.losses) for name, layer in layers},
+        stats={name: layer.stats for name, layer in layers},
+    )

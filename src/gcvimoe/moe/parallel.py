@@ -1,0 +1,172 @@
+"""Expert parallelism: each of ``w`` processes holds ``e / w`` experts, and rows travel to their expert's process by
+all-to-all (``torch.distributed``: gloo on CPU, NCCL on GPU, the same code).
+
+Routing, capacity and gates stay on the process that owns the tokens, so every process computes exactly what the
+single-process layer computes on its own batch; only the expert GEMMs run elsewhere. The row counts per expert are
+exchanged first, so the splits are variable and dropless routing works. Usage, after ``init_process_group``::
+
+    model = shard_experts_(model)                          # keep this process's experts of every MoE layer
+    full = gather_expert_state_dict(model.state_dict())    # collective; checkpoints always hold all experts
+    model.load_state_dict(shard_expert_state_dict(full, dist.get_rank(), dist.get_world_size()))
+
+Expert gradients sum the contributions of every process's tokens. When data parallelism averages the other
+gradients over the ``w`` processes, divide the expert gradients (``param.is_expert``) by ``w`` to match.
+"""
+import copy
+import functools
+from typing import Dict, List, Optional
+
+import torch
+import torch.distributed as dist
+from torch import Tensor, nn
+
+from gcvimoe.moe.dispatch import combine
+from gcvimoe.moe.experts import Experts
+from gcvimoe.moe.layer import moe_layers
+
+EXPERT_PARAM_NAMES = ('fc1_weight', 'fc1_bias', 'fc2_weight', 'fc2_bias')
+
+
+class _AllToAll(torch.autograd.Function):
+    """``dist.all_to_all_single`` on rows with variable splits; the backward sends the gradients back the same way."""
+
+    @staticmethod
+    def forward(ctx, rows, output_splits, input_splits, group):
+        ctx.splits, ctx.group = (input_splits, output_splits), group
+        out = rows.new_empty(sum(output_splits), *rows.shape[1:])
+        dist.all_to_all_single(out, rows.contiguous(), output_splits, input_splits, group=group)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        output_splits, input_splits = ctx.splits
+        return _AllToAll.apply(grad_out, output_splits, input_splits, ctx.group), None, None, None
+
+
+def all_to_all(rows: Tensor, output_splits: List[int], input_splits: List[int], group=None) -> Tensor:
+    """Differentiable all-to-all: ``input_splits[i]`` rows go to process ``i``, ``output_splits[i]`` come from it."""
+    return _AllToAll.apply(rows, output_splits, input_splits, group)
+
+
+class ExpertParallelExperts(Experts):
+    """This process's share of ``e`` experts, called like :class:`Experts` with rows for all ``e`` experts.
+
+    The parameters hold the local experts only (``fc1_weight [e / w, d, h]``) under the usual names; ``num_experts``
+    is the local count, ``num_global_experts`` the total.
+
+    Args:
+        num_experts: Experts over all processes, divisible by the group size.
+        group: Process group of the expert-parallel processes (default: the world).
+        Other arguments: as :class:`Experts`.
+    """
+
+    def __init__(self, num_experts: int, in_features: int, hidden_features: int, out_features: int, *args,
+                 group: Optional[dist.ProcessGroup] = None, **kwargs):
+        world_size = dist.get_world_size(group)
+        if num_experts % world_size:
+            raise ValueError(f"num_experts={num_experts} must be divisible by the {world_size} expert-parallel "
+                             f"processes")
+        super().__init__(num_experts // world_size, in_features, hidden_features, out_features, *args, **kwargs)
+        self.num_global_experts = num_experts
+        self.world_size = world_size
+        self.first_expert = dist.get_rank(group) * self.num_experts
+        self.group = group
+
+    @classmethod
+    def from_experts(cls, experts: Experts, group: Optional[dist.ProcessGroup] = None) -> 'ExpertParallelExperts':
+        """This process's share of a full :class:`Experts` module (same weights, activation and dropout)."""
+        weight = experts.fc1_weight
+        shard = cls(
+            experts.num_experts, experts.in_features, experts.hidden_features, experts.out_features,
+            act_layer=functools.partial(copy.deepcopy, experts.act),
+            drop=(experts.drop1.p, experts.drop2.p),
+            bias=(experts.fc1_bias is not None, experts.fc2_bias is not None),
+            group=group, device=weight.device, dtype=weight.dtype,
+        )
+        local = slice(shard.first_expert, shard.first_expert + shard.num_experts)
+        with torch.no_grad():
+            for name in EXPERT_PARAM_NAMES:
+                if getattr(shard, name) is not None:
+                    getattr(shard, name).copy_(getattr(experts, name)[local])
+        return shard
+
+    def extra_repr(self) -> str:
+        return (f"num_global_experts={self.num_global_experts}, first_expert={self.first_expert}, "
+                + super().extra_repr())
+
+    def forward(self, x: Tensor, tokens_per_expert: Tensor, token_index: Tensor, gates: Optional[Tensor] = None
+                ) -> Tensor:
+        """Send every row to its expert's process, run the local experts there, and combine the outputs at home.
+
+        Args:
+            x: Tokens ``[t, d]``.
+            tokens_per_expert: Rows per expert over all ``e`` experts ``[e]``.
+            token_index: Token each row reads and writes ``[n]``, grouped by expert.
+            gates: Weight of each row's output ``[n]``, or None for 1.
+
+        Returns:
+            ``[t, d_out]``, as :meth:`Experts.forward` with all experts.
+        """
+        rows = x.index_select(0, token_index)
+        send_counts = tokens_per_expert.reshape(self.world_size, self.num_experts)  # [w, e_local]
+        recv_counts = torch.empty_like(send_counts)  # row s: what process s sends to each local expert
+        dist.all_to_all_single(recv_counts, send_counts, group=self.group)
+        send_splits, recv_splits = send_counts.sum(1).tolist(), recv_counts.sum(1).tolist()
+        received = all_to_all(rows, recv_splits, send_splits, self.group)  # grouped by (source, local expert)
+        local_expert = torch.arange(self.num_experts, device=x.device).repeat(self.world_size)
+        local_expert = local_expert.repeat_interleave(recv_counts.reshape(-1))
+        by_expert = torch.argsort(local_expert, stable=True)  # row order grouped by (local expert, source)
+        # each received row is read and written once through by_expert, so the output keeps the received order
+        out = super().forward(received, recv_counts.sum(0), by_expert)
+        out = all_to_all(out, send_splits, recv_splits, self.group)
+        if gates is not None:
+            out = out * gates.to(out.dtype).unsqueeze(1)
+        return combine(out, token_index, x.shape[0])
+
+
+def shard_experts_(model: nn.Module, group: Optional[dist.ProcessGroup] = None) -> nn.Module:
+    """Replace the experts of every MoE layer of ``model`` by this process's share of them, in place.
+
+    Every process must hold the same full weights beforehand (same seed or same checkpoint).
+    """
+    for _, layer in moe_layers(model):
+        if not isinstance(layer.experts, ExpertParallelExperts):
+            layer.experts = ExpertParallelExperts.from_experts(layer.experts, group)
+    return model
+
+
+def _is_expert_key(key: str) -> bool:
+    return any(key.endswith(f'experts.{name}') for name in EXPERT_PARAM_NAMES)
+
+
+def shard_expert_state_dict(state_dict: Dict[str, Tensor], rank: int, world_size: int) -> Dict[str, Tensor]:
+    """The part of a full state dict that process ``rank`` of ``world_size`` expert-parallel processes loads.
+
+    Expert tensors (``...experts.fc1_weight`` etc., experts first) are sliced; everything else is kept whole.
+    """
+    shard = {}
+    for key, value in state_dict.items():
+        if _is_expert_key(key):
+            if value.shape[0] % world_size:
+                raise ValueError(f"{key} holds {value.shape[0]} experts, not divisible by {world_size} processes")
+            local = value.shape[0] // world_size
+            value = value[rank * local:(rank + 1) * local]
+        shard[key] = value
+    return shard
+
+
+def gather_expert_state_dict(state_dict: Dict[str, Tensor], group: Optional[dist.ProcessGroup] = None
+                             ) -> Dict[str, Tensor]:
+    """The full state dict of an expert-parallel model: every process's experts, concatenated in rank order.
+
+    A collective: every process of ``group`` must call it, with the same keys.
+    """
+    world_size = dist.get_world_size(group)
+    full = {}
+    for key, value in state_dict.items():
+        if _is_expert_key(key):
+            parts = [torch.empty_like(value) for _ in range(world_size)]
+            dist.all_gather(parts, value.contiguous(), group=group)
+            value = torch.cat(parts)
+        full[key] = value
+    return full

@@ -1,0 +1,166 @@
+"""Routers: score tokens against experts and decide which (token, expert) pairs are computed.
+
+A router module maps tokens to fp32 logits ``[t, e]``. A routing rule turns the logits into a :class:`Routing`: the
+(token, expert, gate) assignments in the order they claim expert slots. Capacity is applied afterwards by the
+dispatcher (:mod:`gcvimoe.moe.dispatch`), so the routing rule and the capacity rule stay independent.
+
+- :func:`top_k_routing`: token choice (GShard, Switch, V-MoE, Tutel), optionally noisy, normalised and
+  batch-prioritised.
+- :func:`expert_choice_routing`: every expert picks its ``c`` best tokens (Zhou et al. 2022), balanced by construction.
+"""
+import math
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+
+@dataclass
+class Routing:
+    """The routing decision for ``t`` tokens, as ``n`` (token, expert, gate) assignments.
+
+    Attributes:
+        logits: Clean router logits ``[t, e]``, fp32 or wider.
+        probs: Softmax over experts of the logits the decision was made from (noisy in training when gate noise is
+            on) ``[t, e]``.
+        expert_index: Expert of each assignment ``[n]``, in the order assignments claim expert slots.
+        token_index: Token of each assignment ``[n]``.
+        gates: Weight of each assignment's expert output in its token's output ``[n]``.
+        top1_expert: Most probable expert of every token ``[t]``, in token order.
+        noisy_logits: ``logits`` plus the gate noise, or None when no noise was added.
+        noise_std: Standard deviation of the gate noise, 0 without noise.
+    """
+    logits: Tensor
+    probs: Tensor
+    expert_index: Tensor
+    token_index: Tensor
+    gates: Tensor
+    top1_expert: Tensor
+    noisy_logits: Optional[Tensor] = None
+    noise_std: float = 0.0
+
+
+def _router_dtype(x: Tensor) -> torch.dtype:
+    """fp32 for half-precision inputs, the input's own dtype when it is wider (fp64 for gradcheck)."""
+    return torch.promote_types(x.dtype, torch.float32)
+
+
+class LinearRouter(nn.Module):
+    """Linear router: ``logits = x @ W^T`` without bias, computed in fp32 or wider (also under autocast)."""
+
+    def __init__(self, in_features: int, num_experts: int, device=None, dtype=None):
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(num_experts, in_features, device=device, dtype=dtype))
+        self.reset_parameters()
+
+    def reset_parameters(self):
+        nn.init.kaiming_uniform_(self.weight, a=math.sqrt(5))  # as nn.Linear, so fresh routers start diverse
+
+    def forward(self, x: Tensor) -> Tensor:
+        """Score tokens ``[t, d]`` against experts, returning fp32 logits ``[t, e]``."""
+        dtype = _router_dtype(x)
+        with torch.autocast(x.device.type, enabled=False):
+            return F.linear(x.to(dtype), self.weight.to(dtype))
+
+
+class CosineRouter(nn.Module):
+    """Cosine router (Swin-MoE): ``logits = s * cos(x, w_e)`` with a learned scale ``s`` clamped at 100.
+
+    Unlike Tutel's cosine gate there is no extra projection: the expert embeddings live in the model dimension, so
+    ``weight`` has the same ``[e, d]`` shape as the linear router's.
+    """
+
+    def __init__(self, in_features: int, num_experts: int, init_temperature: float = 0.5, device=None, dtype=None):
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(num_experts, in_features, device=device, dtype=dtype))
+        self.logit_scale = nn.Parameter(torch.empty((), device=device, dtype=dtype))
+        self.init_temperature = init_temperature
+        self.max_logit_scale = math.log(100.0)
+        self.reset_parameters()
+
+    def reset_parameters(self):
+        nn.init.normal_(self.weight, std=0.01)
+        nn.init.constant_(self.logit_scale, math.log(1.0 / self.init_temperature))
+
+    def forward(self, x: Tensor) -> Tensor:
+        """Score tokens ``[t, d]`` against experts, returning fp32 logits ``[t, e]``."""
+        dtype = _router_dtype(x)
+        with torch.autocast(x.device.type, enabled=False):
+            cosine = F.linear(F.normalize(x.to(dtype), dim=-1), F.normalize(self.weight.to(dtype), dim=-1))
+            return cosine * self.logit_scale.to(dtype).clamp(max=self.max_logit_scale).exp()
+
+
+def top_k_routing(
+        logits: Tensor,
+        top_k: int,
+        *,
+        normalize_gates: bool = False,
+        batch_priority: bool = False,
+        noise_std: float = 0.0,
+) -> Routing:
+    """Token choice: every token picks its ``k`` most probable experts.
+
+    The softmax runs over all experts before the top-k, so a gate is the expert's probability (Tutel, GShard). The
+    assignments are ordered choice-major, as GShard claims slots: every token's first choice, then every second
+    choice, and so on. Within a choice tokens keep their input order, or with batch-priority routing (V-MoE) come in
+    descending order of their top-1 probability (stable), so confident tokens are the last to be dropped.
+
+    Args:
+        logits: router logits ``[t, e]`` (fp32 or wider).
+        top_k: Experts per token ``k``.
+        normalize_gates: Divide each token's ``k`` gates by their sum (before any capacity drop); with ``k = 1`` the
+            gate becomes 1.
+        batch_priority: Order tokens by top-1 probability when claiming slots.
+        noise_std: Standard deviation of Gaussian noise added to the logits before the choice; 0 for none.
+
+    Returns:
+        The routing with ``n = t * k`` assignments.
+    """
+    num_tokens = logits.shape[0]
+    noisy_logits = logits + noise_std * torch.randn_like(logits) if noise_std > 0 else None
+    probs = torch.softmax(logits if noisy_logits is None else noisy_logits, dim=-1)
+    if top_k == 1:  # max is several times cheaper than topk on CPU
+        top_probs, top_experts = probs.max(dim=-1, keepdim=True)
+    else:
+        top_probs, top_experts = probs.topk(top_k, dim=-1)  # [t, k], column 0 is each token's first choice
+    gates = top_probs / top_probs.sum(dim=-1, keepdim=True) if normalize_gates else top_probs
+    top1_expert = top_experts[:, 0]
+    if batch_priority:
+        token_order = torch.argsort(top_probs[:, 0].detach(), descending=True, stable=True)
+        top_experts, gates = top_experts[token_order], gates[token_order]
+    else:
+        token_order = torch.arange(num_tokens, device=logits.device)
+    return Routing(
+        logits=logits,
+        probs=probs,
+        expert_index=top_experts.t().reshape(-1),
+        token_index=token_order.repeat(top_k),
+        gates=gates.t().reshape(-1),
+        top1_expert=top1_expert,
+        noisy_logits=noisy_logits,
+        noise_std=noise_std,
+    )
+
+
+def expert_choice_routing(logits: Tensor, capacity: int) -> Routing:
+    """Expert choice: every expert takes the ``c`` tokens that give it the highest probability.
+
+    Each expert computes exactly ``c = min(capacity, t)`` tokens, so the load is balanced by construction; a token
+    may be picked by several experts or by none (its MoE output is then zero).
+
+    Args:
+        logits: router logits ``[t, e]`` (fp32 or wider).
+        capacity: Tokens per expert.
+
+    Returns:
+        The routing with ``n = e * c`` assignments, already grouped by expert.
+    """
+    num_tokens, num_experts = logits.shape
+    probs = torch.softmax(logits, dim=-1)
+    picks = min(capacity, num_tokens)
+    gates, token_index = probs.t().topk(picks, dim=-1)  # [e, c]
+    expert_index = torch.arange(num_experts, device=logits.device).repeat_interleave(picks)
+    return Routing(logits=logits, probs=probs, expert_index=expert_index, token_index=token_index.reshape(-1),
+                   gates=gates.reshape(-1), top1_expert=probs.argmax(dim=-1))

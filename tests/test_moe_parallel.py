@@ -1,0 +1,91 @@
+"""Expert parallelism over 2 gloo processes gives the single-process layer's outputs and gradients."""
+import copy
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from gcvimoe.moe import MoE
+from gcvimoe.moe.parallel import (
+    ExpertParallelExperts, gather_expert_state_dict, shard_expert_state_dict, shard_experts_,
+)
+
+WORLD_SIZE = 2
+CASES = [
+    dict(num_experts=4, top_k=2, capacity_factor=0.0),  # dropless, variable splits
+    dict(num_experts=4, top_k=1, capacity_factor=0.5, batch_priority=True),  # drops
+    dict(num_experts=2, top_k=1, capacity_factor=0.0, shared_expert=True),  # one expert per process
+]
+
+
+def _batches():
+    generator = torch.Generator().manual_seed(1)
+    inputs = [torch.randn(3, 7, 8, generator=generator) for _ in range(WORLD_SIZE)]
+    grads = [torch.randn(3, 7, 8, generator=generator) for _ in range(WORLD_SIZE)]
+    return inputs, grads
+
+
+def _check_case(rank, options):
+    torch.manual_seed(0)
+    reference = MoE(8, 16, **options)
+    inputs, grads = _batches()
+    # the single-process layer on every process's batch; expert gradients add up over the batches
+    local_reference = copy.deepcopy(reference)
+    reference_outputs = []
+    for x, grad in zip(inputs, grads):
+        out = reference(x)
+        out.backward(grad)
+        reference_outputs.append(out.detach())
+    x_reference = inputs[rank].clone().requires_grad_()
+    local_reference(x_reference).backward(grads[rank])
+
+    parallel = shard_experts_(copy.deepcopy(local_reference))
+    parallel.zero_grad()
+    assert isinstance(parallel.experts, ExpertParallelExperts)
+    assert parallel.experts.num_experts == options['num_experts'] // WORLD_SIZE
+    x = inputs[rank].clone().requires_grad_()
+    out = parallel(x)
+    out.backward(grads[rank])
+
+    torch.testing.assert_close(out, reference_outputs[rank])
+    torch.testing.assert_close(x.grad, x_reference.grad)
+    torch.testing.assert_close(parallel.router.weight.grad, local_reference.router.weight.grad)
+    local = slice(parallel.experts.first_expert, parallel.experts.first_expert + parallel.experts.num_experts)
+    for name in ('fc1_weight', 'fc1_bias', 'fc2_weight', 'fc2_bias'):
+        torch.testing.assert_close(getattr(parallel.experts, name).grad, getattr(reference.experts, name).grad[local])
+    torch.testing.assert_close(parallel.stats.kept_tokens_per_expert, local_reference.stats.kept_tokens_per_expert)
+
+    # checkpoints: gathered state is the full single-process state, and a shard of it loads back
+    full = gather_expert_state_dict(parallel.state_dict())
+    for key, value in reference.state_dict().items():
+        torch.testing.assert_close(full[key], value)
+    fresh = shard_experts_(MoE(8, 16, **options))
+    fresh.load_state_dict(shard_expert_state_dict(full, rank, WORLD_SIZE))
+    torch.testing.assert_close(fresh(inputs[rank]), reference_outputs[rank])
+
+
+def _worker(rank, init_file):
+    torch.set_num_threads(1)  # the forked children share the parent's cores
+    dist.init_process_group('gloo', init_method=f'file://{init_file}', rank=rank, world_size=WORLD_SIZE)
+    try:
+        for options in CASES:
+            _check_case(rank, options)
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.skipif(not dist.is_available(), reason='torch.distributed is not available')
+def test_expert_parallel_matches_single_process(tmp_path):
+    # fork keeps the start-up to a fraction of a second; the children only use torch after setting one thread
+    mp.start_processes(_worker, args=(str(tmp_path / 'store'),), nprocs=WORLD_SIZE, start_method='fork')
+
+
+def test_shard_state_dict_slices_experts_only():
+    state = MoE(8, 16, num_experts=4, shared_expert=True).state_dict()
+    shard = shard_expert_state_dict(state, rank=1, world_size=2)
+    torch.testing.assert_close(shard['experts.fc1_weight'], state['experts.fc1_weight'][2:4])
+    torch.testing.assert_close(shard['shared_expert.fc1.weight'], state['shared_expert.fc1.weight'])
+    torch.testing.assert_close(shard['router.weight'], state['router.weight'])
+    with pytest.raises(ValueError, match='not divisible by 3 processes'):
+        shard_expert_state_dict(state, rank=0, world_size=3)
