@@ -1,0 +1,174 @@
+"""From a training config to datasets, timm transforms and data loaders.
+
+The data config (dataset, image size, channels, mean/std, class names) travels in every checkpoint, so evaluation and
+prediction rebuild exactly the preprocessing the model was trained with.
+"""
+from dataclasses import asdict, dataclass
+from typing import Any, Dict, List, Optional, Sequence, Tuple
+
+import torch
+from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, create_transform
+from torch.utils.data import DataLoader, Dataset, DistributedSampler
+from torchvision import transforms
+
+from gcvimoe.data.digits import DIGITS_CLASSES, DIGITS_MEAN, DIGITS_STD, DigitsDataset
+from gcvimoe.data.fashion_mnist import (
+    FASHION_MNIST_CLASSES, FASHION_MNIST_DIR, FASHION_MNIST_MEAN, FASHION_MNIST_STD, FashionMNIST)
+from gcvimoe.data.folder import ImageFolder, check_split_dir, find_classes
+from gcvimoe.errors import GcvimoeError
+
+
+@dataclass
+class DataConfig:
+    """What a model needs to know about its input: saved in checkpoints, used by validate and predict."""
+    dataset: str
+    data_dir: str
+    img_size: int
+    in_chans: int
+    mean: Tuple[float, ...]
+    std: Tuple[float, ...]
+    interpolation: str
+    crop_pct: float
+    class_names: List[str]
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.class_names)
+
+    def to_dict(self) -> Dict[str, Any]:
+        d = asdict(self)
+        d["mean"], d["std"] = list(self.mean), list(self.std)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: Dict[str, Any]) -> "DataConfig":
+        d = dict(d)
+        d["mean"], d["std"] = tuple(d["mean"]), tuple(d["std"])
+        return cls(**d)
+
+
+def resolve_data_config(
+        dataset: str,
+        data_dir: str = "",
+        img_size: int = 32,
+        in_chans: Optional[int] = None,
+        interpolation: str = "bicubic",
+        crop_pct: float = 0.875,
+) -> DataConfig:
+    """Fill in the channels, normalisation and class names of a dataset, checking a folder's layout.
+
+    Args:
+        dataset: 'digits', 'fashion-mnist' or 'folder'.
+        data_dir: The folder (required for 'folder', optional for 'fashion-mnist').
+        img_size: Model input size.
+        in_chans: Model input channels; None = the dataset's own (1 for the grey datasets, 3 for folders).
+        interpolation: Resize interpolation.
+        crop_pct: Evaluation centre-crop fraction.
+    """
+    if dataset == "digits":
+        classes, native_chans, mean, std = list(DIGITS_CLASSES), 1, DIGITS_MEAN, DIGITS_STD
+    elif dataset == "fashion-mnist":
+        classes, native_chans, mean, std = list(FASHION_MNIST_CLASSES), 1, FASHION_MNIST_MEAN, FASHION_MNIST_STD
+        data_dir = data_dir or FASHION_MNIST_DIR
+    elif dataset == "folder":
+        if not data_dir:
+            raise GcvimoeError("dataset 'folder' needs --data-dir DIR with train/ and val/ class folders")
+        classes = find_classes(check_split_dir(data_dir, "train"))
+        check_split_dir(data_dir, "val")
+        native_chans, mean, std = 3, IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
+    else:
+        raise GcvimoeError(f"unknown dataset '{dataset}'; use digits, fashion-mnist or --data-dir DIR")
+    in_chans = in_chans or native_chans
+    if in_chans != len(mean):
+        # grey statistics for RGB input and vice versa: average or repeat the dataset's own
+        grey_mean, grey_std = sum(mean) / len(mean), sum(std) / len(std)
+        mean, std = (grey_mean,) * in_chans, (grey_std,) * in_chans
+    return DataConfig(
+        dataset=dataset, data_dir=str(data_dir), img_size=img_size, in_chans=in_chans, mean=tuple(mean),
+        std=tuple(std), interpolation=interpolation, crop_pct=crop_pct, class_names=classes)
+
+
+def build_transform(data_cfg: DataConfig, is_training: bool = False, **aug):
+    """timm's train or eval transform for ``data_cfg``, with a channel conversion in front when needed.
+
+    Args:
+        data_cfg: The data config.
+        is_training: Random-resized crop, flips, jitter, auto-augment and random erasing when True.
+        **aug: Keyword arguments of :func:`timm.data.create_transform` (``scale``, ``hflip``, ``re_prob``, ...).
+    """
+    timm_transform = create_transform(
+        input_size=(data_cfg.in_chans, data_cfg.img_size, data_cfg.img_size),
+        is_training=is_training,
+        interpolation=data_cfg.interpolation,
+        mean=data_cfg.mean,
+        std=data_cfg.std,
+        crop_pct=data_cfg.crop_pct,
+        **(aug if is_training else {}),
+    )
+    if data_cfg.dataset != "folder" and data_cfg.in_chans == 3:
+        # the grey datasets yield 'L' images; an RGB model gets the grey channel three times
+        return transforms.Compose([transforms.Grayscale(num_output_channels=3), timm_transform])
+    return timm_transform
+
+
+def create_dataset(
+        data_cfg: DataConfig,
+        split: str,
+        transform=None,
+        class_names: Optional[Sequence[str]] = None,
+) -> Dataset:
+    """The 'train' or 'val' split of ``data_cfg.dataset``.
+
+    Args:
+        data_cfg: The data config.
+        split: 'train' or 'val'.
+        transform: Applied to each PIL image.
+        class_names: Label order for a folder (default: ``data_cfg.class_names``, the training classes).
+    """
+    if data_cfg.dataset == "digits":
+        return DigitsDataset(split, transform=transform)
+    if data_cfg.dataset == "fashion-mnist":
+        return FashionMNIST(data_cfg.data_dir, split, transform=transform)
+    mode = "L" if data_cfg.in_chans == 1 else "RGB"
+    classes = class_names if class_names is not None else data_cfg.class_names
+    return ImageFolder(data_cfg.data_dir, split, classes=classes, mode=mode, transform=transform)
+
+
+def create_loader(
+        dataset: Dataset,
+        batch_size: int,
+        is_training: bool,
+        workers: int = 0,
+        rank: int = 0,
+        world_size: int = 1,
+        seed: int = 0,
+        pin_memory: bool = False,
+) -> DataLoader:
+    """A loader whose order and augmentation depend only on (seed, epoch): call :func:`set_epoch` each epoch.
+
+    Training shards the shuffled data over ``world_size`` processes (a ``DistributedSampler``, also for one process)
+    and drops the last partial batch. Evaluation gives each process every ``world_size``-th image, in order and without
+    padding, so summed metrics count every image exactly once.
+    """
+    generator = torch.Generator()
+    if is_training:
+        sampler = DistributedSampler(dataset, num_replicas=world_size, rank=rank, shuffle=True, seed=seed)
+    else:
+        sampler = list(range(rank, len(dataset), world_size))
+    return DataLoader(
+        dataset,
+        batch_size=batch_size,
+        sampler=sampler,
+        num_workers=workers,
+        pin_memory=pin_memory,
+        drop_last=is_training and len(sampler) >= batch_size,
+        generator=generator,
+        persistent_workers=False,
+    )
+
+
+def set_epoch(loader: DataLoader, epoch: int, seed: int, rank: int = 0) -> None:
+    """Fix this epoch's shuffling and the worker processes' augmentation seeds from (seed, epoch, rank)."""
+    if isinstance(loader.sampler, DistributedSampler):
+        loader.sampler.set_epoch(epoch)
+    loader.generator.manual_seed(seed * 1_000_003 + epoch * 1009 + rank)

@@ -1,0 +1,124 @@
+"""Evaluation: loss, top-1/top-5, per-class accuracy and expert usage, summed exactly over all processes."""
+from contextlib import nullcontext
+from typing import Any, Callable, Dict, Iterable, Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from gcvimoe.engine.distributed import DistInfo, all_reduce_sum
+from gcvimoe.errors import GcvimoeError
+from gcvimoe.moe import MoEReport, collect_moe_report
+
+
+def one_line(error: GcvimoeError) -> GcvimoeError:
+    """A GcvimoeError raised in a DataLoader worker comes back wrapped in the worker's traceback; keep its message."""
+    last = str(error).strip().splitlines()[-1] if str(error).strip() else ""
+    prefix = f"{GcvimoeError.__module__}.{GcvimoeError.__name__}: "
+    return GcvimoeError(last.removeprefix(prefix))
+
+
+def iterate(loader: Iterable):
+    """Iterate ``loader``, turning errors raised while loading (an unreadable image) into one-line errors."""
+    try:
+        yield from loader
+    except GcvimoeError as e:
+        raise one_line(e) from None
+
+
+class ExpertUsage:
+    """Sums per-layer expert token counts over batches (and processes) from :class:`gcvimoe.moe.MoEReport` s."""
+
+    def __init__(self):
+        self.tokens: Dict[str, torch.Tensor] = {}
+        self.kept: Dict[str, torch.Tensor] = {}
+
+    def update(self, report: MoEReport) -> None:
+        for name, stats in report.stats.items():
+            tokens = torch.as_tensor(stats.tokens_per_expert).detach().double().cpu()
+            kept = torch.as_tensor(stats.kept_tokens_per_expert).detach().double().cpu()
+            if name in self.tokens:
+                self.tokens[name] += tokens
+                self.kept[name] += kept
+            else:
+                self.tokens[name], self.kept[name] = tokens.clone(), kept.clone()
+
+    def all_reduce(self, info: DistInfo) -> None:
+        for name in self.tokens:
+            self.tokens[name] = all_reduce_sum(self.tokens[name].to(info.device), info).cpu()
+            self.kept[name] = all_reduce_sum(self.kept[name].to(info.device), info).cpu()
+
+    @property
+    def dropped_fraction(self) -> float:
+        """Share of token-to-expert assignments dropped for capacity, over all layers (0 for a dense model)."""
+        total = sum(float(t.sum()) for t in self.tokens.values())
+        kept = sum(float(k.sum()) for k in self.kept.values())
+        return 1.0 - kept / total if total > 0 else 0.0
+
+    def summary(self) -> Dict[str, Dict[str, Any]]:
+        """Per layer: each expert's share of the routed tokens, the dropped share, and the raw counts."""
+        out = {}
+        for name, tokens in self.tokens.items():
+            total = float(tokens.sum())
+            out[name] = {
+                "tokens_per_expert": [float(t) / total if total else 0.0 for t in tokens],
+                "dropped_fraction": 1.0 - float(self.kept[name].sum()) / total if total else 0.0,
+                "token_counts": [int(t) for t in tokens],
+            }
+        return out
+
+
+@torch.no_grad()
+def evaluate(
+        model: nn.Module,
+        loader: Iterable,
+        num_classes: int,
+        info: DistInfo,
+        autocast: Callable = nullcontext,
+        channels_last: bool = False,
+        progress: Optional[Callable[[Iterable], Iterable]] = None,
+) -> Dict[str, Any]:
+    """Evaluate ``model`` (not a DDP wrapper) on this process's share of ``loader``; metrics cover all processes.
+
+    Returns:
+        ``loss`` (mean cross-entropy), ``top1``, ``top5`` (percent), ``num_images``, ``per_class_top1`` (percent per
+        class, None for a class without images), ``class_counts``, ``experts`` (see :meth:`ExpertUsage.summary`) and
+        ``dropped_fraction``.
+    """
+    model.eval()
+    k = min(5, num_classes)
+    sums = torch.zeros(4, dtype=torch.float64, device=info.device)  # loss, top-1 hits, top-k hits, images
+    class_hits = torch.zeros(num_classes, dtype=torch.float64, device=info.device)
+    class_counts = torch.zeros(num_classes, dtype=torch.float64, device=info.device)
+    usage = ExpertUsage()
+    batches = iterate(loader)
+    for images, targets in (progress(batches) if progress else batches):
+        images = images.to(info.device, non_blocking=True)
+        targets = targets.to(info.device, non_blocking=True)
+        if channels_last:
+            images = images.contiguous(memory_format=torch.channels_last)
+        with autocast():
+            logits = model(images)
+        logits = logits.float()
+        hits = logits.topk(k, dim=1).indices == targets[:, None]
+        sums[0] += F.cross_entropy(logits, targets, reduction="sum")
+        sums[1] += hits[:, 0].sum()
+        sums[2] += hits.any(dim=1).sum()
+        sums[3] += targets.numel()
+        class_counts += torch.bincount(targets, minlength=num_classes)
+        class_hits += torch.bincount(targets[hits[:, 0]], minlength=num_classes)
+        usage.update(collect_moe_report(model))
+    for tensor in (sums, class_hits, class_counts):
+        all_reduce_sum(tensor, info)
+    usage.all_reduce(info)
+    count = max(float(sums[3]), 1.0)
+    return {
+        "loss": float(sums[0]) / count,
+        "top1": 100.0 * float(sums[1]) / count,
+        "top5": 100.0 * float(sums[2]) / count,
+        "num_images": int(sums[3]),
+        "per_class_top1": [100.0 * float(h) / float(c) if c else None for h, c in zip(class_hits, class_counts)],
+        "class_counts": [int(c) for c in class_counts],
+        "experts": usage.summary(),
+        "dropped_fraction": usage.dropped_fraction,
+    }

@@ -1,0 +1,161 @@
+"""End-to-end training on a tiny generated image folder: outputs, exact resume, validate/predict, and DDP."""
+import csv
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+import yaml
+from PIL import Image
+
+from gcvimoe.cli import main
+from gcvimoe.engine.checkpoint import model_from_checkpoint
+from gcvimoe.engine.config import TrainConfig
+from gcvimoe.engine.train import EMA_COLUMNS, SUMMARY_COLUMNS
+
+CLASSES = ("circle", "square", "stripes")
+# a half-width nano with 4 experts, CutMix and EMA: every state a resume must restore, a few seconds per epoch
+TINY = ["--model", "gcvimoe_nano", "--model-kwargs", "{embed_dim: 16}", "--num-experts", "4", "--img-size", "32",
+        "--batch-size", "4", "--epochs", "2", "--warmup-epochs", "1", "--lr", "1e-3", "--workers", "0",
+        "--scale", "0.8,1", "--cutmix", "1.0", "--ema", "--ema-decay", "0.9"]
+
+
+def make_image_folder(root, train_per_class=6, val_per_class=3):
+    """Three visually different classes of 20x20 RGB images, with per-image noise."""
+    rng = np.random.default_rng(0)
+    yy, xx = np.mgrid[:20, :20]
+    shapes = {
+        "circle": ((yy - 10) ** 2 + (xx - 10) ** 2 < 40),
+        "square": (abs(yy - 10) < 6) & (abs(xx - 10) < 6),
+        "stripes": (xx // 3) % 2 == 0,
+    }
+    for split, count in (("train", train_per_class), ("val", val_per_class)):
+        for name in CLASSES:
+            folder = root / split / name
+            folder.mkdir(parents=True)
+            for i in range(count):
+                pixels = shapes[name][..., None] * np.array([200, 120, 60]) + rng.integers(0, 50, (20, 20, 3))
+                Image.fromarray(pixels.clip(0, 255).astype(np.uint8)).save(folder / f"{i}.png")
+    return root
+
+
+def read_summary(path):
+    with open(path) as f:
+        return list(csv.DictReader(f))
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+    return make_image_folder(tmp_path_factory.mktemp("images"))
+
+
+@pytest.fixture(scope="module")
+def run_a(data_dir, tmp_path_factory):
+    """An uninterrupted 2-epoch run that also keeps its epoch-1 checkpoint."""
+    output = tmp_path_factory.mktemp("run_a")
+    assert main(["train", *TINY, "--data-dir", str(data_dir), "--output", str(output), "--checkpoint-every", "1",
+                 "--lr-batch-size", "4"]) == 0
+    return output
+
+
+def test_two_epoch_run_writes_every_output(run_a):
+    for name in ("config.yaml", "summary.csv", "last.pth", "best.pth", "checkpoint-1.pth", "checkpoint-2.pth",
+                 "train.log", "curves.png", "expert_usage.png"):
+        assert (run_a / name).is_file() and (run_a / name).stat().st_size > 0, name
+    assert not list(run_a.glob(".*.tmp"))
+
+    rows = read_summary(run_a / "summary.csv")
+    assert list(rows[0]) == list(SUMMARY_COLUMNS + EMA_COLUMNS)
+    assert [row["epoch"] for row in rows] == ["1", "2"]
+    assert all(float(row["train_aux_loss"]) > 0 for row in rows)  # the MoE aux loss is logged on its own
+    assert "epoch   2/2" in (run_a / "train.log").read_text()
+
+    saved = TrainConfig(**yaml.safe_load((run_a / "config.yaml").read_text()))
+    assert saved.epochs == 2 and saved.num_experts == 4 and saved.model_kwargs == {"embed_dim": 16}
+
+    checkpoint = torch.load(run_a / "last.pth", map_location="cpu", weights_only=True)
+    assert checkpoint["epoch"] == 2 and checkpoint["class_names"] == list(CLASSES)
+    assert checkpoint["model_args"]["num_experts"] == 4 and checkpoint["data_config"]["in_chans"] == 3
+    for key in ("optimizer", "scheduler", "rng", "history", "config", "step"):
+        assert checkpoint[key] is not None, key
+    model = model_from_checkpoint(checkpoint)
+    assert model(torch.zeros(2, 3, 32, 32)).shape == (2, len(CLASSES))
+
+
+def test_resume_after_epoch_one_matches_uninterrupted_run(run_a, tmp_path):
+    output = tmp_path / "resumed"
+    assert main(["train", "--resume", str(run_a / "checkpoint-1.pth"), "--output", str(output)]) == 0
+    resumed = torch.load(output / "last.pth", map_location="cpu", weights_only=True)
+    uninterrupted = torch.load(run_a / "last.pth", map_location="cpu", weights_only=True)
+    assert resumed["step"] == uninterrupted["step"]
+    assert resumed["state_dict"].keys() == uninterrupted["state_dict"].keys()
+    for key, value in uninterrupted["state_dict"].items():
+        assert torch.equal(resumed["state_dict"][key], value), key
+    for key, value in uninterrupted["ema_state_dict"].items():
+        assert torch.equal(resumed["ema_state_dict"][key], value), key
+    for key, state in uninterrupted["optimizer"]["state"].items():
+        assert torch.equal(resumed["optimizer"]["state"][key]["exp_avg"], state["exp_avg"])
+    columns = [c for c in SUMMARY_COLUMNS + EMA_COLUMNS if c != "images_per_s"]
+    expected = [{c: row[c] for c in columns} for row in read_summary(run_a / "summary.csv")]
+    assert [{c: row[c] for c in columns} for row in read_summary(output / "summary.csv")] == expected
+
+
+def test_resume_auto_picks_the_output_folders_last_checkpoint(run_a, tmp_path, capsys):
+    shutil.copy(run_a / "last.pth", tmp_path / "last.pth")
+    assert main(["train", "--resume", "auto", "--output", str(tmp_path)]) == 0  # already at its last epoch
+    assert "resumed after epoch 2" in capsys.readouterr().out
+    assert (tmp_path / "curves.png").is_file()
+
+
+def test_validate_json_reproduces_last_eval(run_a, capsys):
+    capsys.readouterr()
+    assert main(["validate", "--checkpoint", str(run_a / "last.pth"), "--json", "--workers", "0"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    last = read_summary(run_a / "summary.csv")[-1]
+    assert result["top1"] == pytest.approx(float(last["eval_top1"]), abs=1e-4)
+    assert result["top5"] == pytest.approx(float(last["eval_top5"]), abs=1e-4)
+    assert result["loss"] == pytest.approx(float(last["eval_loss"]), rel=1e-5)
+    assert result["num_images"] == 9 and len(result["per_class_top1"]) == 3
+    assert len(result["experts"]) > 0 and all(len(v["tokens_per_expert"]) == 4 for v in result["experts"].values())
+    assert main(["validate", "--checkpoint", str(run_a / "last.pth"), "--workers", "0"]) == 0
+    assert "per-class top-1" in capsys.readouterr().out
+
+
+def test_predict_gives_class_names_and_probabilities(run_a, data_dir, capsys):
+    image = data_dir / "val" / "square" / "0.png"
+    capsys.readouterr()
+    assert main(["predict", "--checkpoint", str(run_a / "best.pth"), "--json", str(image)]) == 0
+    result = json.loads(capsys.readouterr().out)
+    labels = [entry["label"] for entry in result["top"]]
+    assert sorted(labels) == sorted(CLASSES)  # top-5 of 3 classes: all of them, each once
+    assert sum(entry["probability"] for entry in result["top"]) == pytest.approx(1.0, abs=1e-5)
+
+
+def test_torchrun_two_processes_gloo(run_a, data_dir, tmp_path, capsys):
+    output = tmp_path / "ddp"
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+               "-m", "gcvimoe", "train", *TINY, "--epochs", "1", "--data-dir", str(data_dir),
+               "--output", str(output), "--lr-batch-size", "4"]
+    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "2 process(es) on cpu, global batch 8" in done.stdout
+
+    rows = read_summary(output / "summary.csv")
+    assert list(rows[0]) == list(read_summary(run_a / "summary.csv")[0])
+    assert len(rows) == 1
+    checkpoint = torch.load(output / "last.pth", map_location="cpu", weights_only=True)
+    single = torch.load(run_a / "last.pth", map_location="cpu", weights_only=True)
+    assert checkpoint["world_size"] == 2 and len(checkpoint["rng"]) == 2
+    # the peak LR follows the global batch: twice the single-process batch, twice the LR
+    assert checkpoint["scheduler"]["base_values"][0] == pytest.approx(2 * single["scheduler"]["base_values"][0])
+    # evaluation is sharded over the processes but counts every val image once
+    capsys.readouterr()
+    assert main(["validate", "--checkpoint", str(output / "last.pth"), "--json", "--workers", "0"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["num_images"] == 9
+    assert result["top1"] == pytest.approx(float(rows[-1]["eval_top1"]), abs=1e-4)
