@@ -233,3 +233,11 @@ def test_cli_errors_are_one_line():
     assert result.returncode == 2
     assert result.stderr.strip().count('\n') == 0 and result.stderr.startswith('error: unknown model')
     assert 'Traceback' not in result.stderr
+
+
+def test_nano_laid_out_for_28_px():
+    """Fashion-MNIST's native size: stage 4's map (0.875 px at layout time) must not break the tower depth."""
+    model = _dense('nano', num_classes=10, img_size=28).eval()
+    with torch.no_grad():
+        out = model(torch.randn(2, 1, 28, 28))
+    assert out.shape == (2, 10) and torch.isfinite(out).all()

@@ -21,7 +21,16 @@ CLASSES = ("circle", "square", "stripes")
 # a half-width nano with 4 experts, CutMix and EMA: every state a resume must restore, a few seconds per epoch
 TINY = ["--model", "gcvimoe_nano", "--model-kwargs", "{embed_dim: 16}", "--num-experts", "4", "--img-size", "32",
         "--batch-size", "4", "--epochs", "2", "--warmup-epochs", "1", "--lr", "1e-3", "--workers", "0",
-        "--scale", "0.8,1", "--cutmix", "1.0", "--ema", "--ema-decay", "0.9"]
+        "--scale", "0.8,1", "--cutmix", "1.0", "--ema", "--ema-decay", "0.9", "--threads", "1"]
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Validation and prediction run in this process: one thread keeps them fast when other jobs share the cores."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 def make_image_folder(root, train_per_class=6, val_per_class=3):

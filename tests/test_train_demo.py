@@ -1,7 +1,19 @@
 """`gcvimoe demo`: trains on the digits, validates the best checkpoint and writes a report that points at its plots."""
 import re
 
+import pytest
+import torch
+
 from gcvimoe.cli import main
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Validation and prediction run in this process: one thread keeps them fast when other jobs share the cores."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 def test_demo_writes_report_with_plots(tmp_path, capsys):

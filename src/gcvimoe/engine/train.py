@@ -50,7 +50,8 @@ from tqdm import tqdm
 from gcvimoe.data import DataConfig, build_transform, create_dataset, create_loader, resolve_data_config, set_epoch
 from gcvimoe.engine.checkpoint import build_model, rng_state, save_checkpoint, set_rng_state
 from gcvimoe.engine.config import TrainConfig, save_config, scaled_lr
-from gcvimoe.engine.distributed import DistInfo, all_gather_objects, cleanup, init_distributed, wrap_model
+from gcvimoe.engine.distributed import (
+    DistInfo, all_gather_objects, all_reduce_sum, cleanup, init_distributed, wrap_model)
 from gcvimoe.engine.evaluate import ExpertUsage, evaluate, iterate
 from gcvimoe.errors import GcvimoeError
 from gcvimoe.moe import collect_aux_loss, collect_moe_report
@@ -236,13 +237,14 @@ def train_one_epoch(
                         lr=f"{optimizer.param_groups[0]['lr']:.2e}", refresh=False)
     bar.close()
     elapsed = time.perf_counter() - start
+    sums = all_reduce_sum(sums.to(info.device), info).cpu()  # losses and throughput of all processes
     usage.all_reduce(info)
     count = max(float(sums[2]), 1.0)
     return {
         "train_loss": float(sums[0]) / count,
         "train_aux_loss": float(sums[1]) / count,
         "dropped_fraction": usage.dropped_fraction,
-        "images_per_s": float(sums[2]) * info.world_size / elapsed,
+        "images_per_s": float(sums[2]) / elapsed,
         "num_updates": num_updates,
     }
 
@@ -252,6 +254,7 @@ def train(cfg: TrainConfig, resume: Optional[Dict[str, Any]] = None) -> TrainRes
 
     Joins the torchrun process group when launched by torchrun and leaves it at the end.
     """
+    threads = torch.get_num_threads()
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     info = init_distributed(cfg.device)
@@ -259,6 +262,7 @@ def train(cfg: TrainConfig, resume: Optional[Dict[str, Any]] = None) -> TrainRes
         return _train(cfg, resume, info)
     finally:
         cleanup(info)
+        torch.set_num_threads(threads)
 
 
 def _train(cfg: TrainConfig, resume: Optional[Dict[str, Any]], info: DistInfo) -> TrainResult:

@@ -214,9 +214,14 @@ class WindowAttentionGlobal(nn.Module):
         bias = self.rel_pos(window, q.dtype)
         if key_mask is not None:
             bias = bias + key_mask.to(q.dtype)
-        x = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=bias, dropout_p=self.attn_drop if self.training else 0.,
-        )
+        if torch.is_grad_enabled() and x.device.type == 'cpu':
+            # the CPU flash kernel's backward is slower than plain batched matmuls for these small windows
+            attn = ((q * self.head_dim ** -0.5) @ k.transpose(-2, -1) + bias).softmax(-1)
+            x = F.dropout(attn, self.attn_drop, self.training) @ v
+        else:
+            x = F.scaled_dot_product_attention(
+                q, k, v, attn_mask=bias, dropout_p=self.attn_drop if self.training else 0.,
+            )
         x = x.transpose(1, 2).reshape(bw, n, c)
         return self.proj_drop(self.proj(x))
 
@@ -397,7 +402,8 @@ class GlobalContextVitStage(nn.Module):
             self.downsample = nn.Identity()
         self.window_size = to_2tuple(window_size)
         self.num_heads = num_heads
-        feat_levels = int(math.log2(min(feat_size) / min(self.window_size)))
+        # tower depth from the layout resolution; maps smaller than the window (tiny inputs) get no pooling
+        feat_levels = max(0, int(math.log2(max(1, min(feat_size)) / min(self.window_size))))
         self.global_block = FeatureBlock(dim, feat_levels, act_layer=act_layer, **dd)
         self.global_norm = norm_layer_cl(dim, **dd) if global_norm else nn.Identity()
 
