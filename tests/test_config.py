@@ -128,3 +128,24 @@ def test_resolved_dataset():
     assert TrainConfig().resolved_dataset == "digits"
     assert TrainConfig(data_dir="/data").resolved_dataset == "folder"
     assert TrainConfig(dataset="fashion-mnist", data_dir="/x").resolved_dataset == "fashion-mnist"
+
+
+def test_every_moe_option_reaches_the_model(tmp_path):
+    """MoE options are plain config keys (YAML and command line) that land in the model constructor."""
+    from gcvimoe.data.factory import resolve_data_config
+    from gcvimoe.engine.train import model_args
+    from gcvimoe.models import create_model
+    from gcvimoe.moe import moe_layers
+
+    path = tmp_path / "moe.yaml"
+    path.write_text(yaml.safe_dump(dict(
+        num_experts=4, top_k=2, router="cosine", normalize_gates=True, eval_capacity_factor=2.0, gate_noise=1.0,
+        expert_dropout=0.0, balance_loss="gshard", z_loss_weight=1e-3, moe_blocks="last 2 odd blocks")))
+    cfg = build_config(path, {"batch_priority": parse_cli_value("batch_priority", "false")})
+    model = create_model(cfg.model, **model_args(cfg, resolve_data_config("digits", img_size=32)))
+    layers = dict(moe_layers(model))
+    assert list(layers) == ["stages.2.blocks.5.mlp", "stages.3.blocks.1.mlp"]
+    layer = next(iter(layers.values()))
+    assert (layer.num_experts, layer.top_k, layer.router_type, layer.normalize_gates, layer.eval_capacity_factor,
+            layer.batch_priority, layer.balance_loss, layer.z_loss_weight) == (
+        4, 2, "cosine", True, 2.0, False, "gshard", 1e-3)

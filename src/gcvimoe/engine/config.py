@@ -46,6 +46,21 @@ class TrainConfig:
     top_k: Optional[int] = _key(None, "experts per token (null = model default)")
     capacity_factor: Optional[float] = _key(None, "expert capacity factor, 0 = no limit (null = model default)")
     drop_path_rate: Optional[float] = _key(None, "stochastic depth rate (null = model default)")
+    moe_blocks: Any = _key(None, "where the experts go: 'swin', 'every 2nd block of stages 3-4', 'last 4 blocks' or "
+                                 "[[-1],[-1],[1,3,5],[1]] (null = model default: swin)")
+    eval_capacity_factor: Optional[float] = _key(None, "capacity factor in evaluation, 0 = dropless (null = model "
+                                                       "default: 0)")
+    router: Optional[str] = _key(None, "router (null = model default: linear)",
+                                 choices=("linear", "cosine", "expert_choice"))
+    gate_noise: Optional[float] = _key(None, "noisy routing: logit noise std times the expert count, in training")
+    normalize_gates: Optional[bool] = _key(None, "divide a token's top-k gates by their sum (null = model default)")
+    batch_priority: Optional[bool] = _key(None, "batch-priority routing (null = model default: on)")
+    expert_dropout: Optional[float] = _key(None, "dropout inside the experts (null = model default: 0.1)")
+    balance_loss: Optional[str] = _key(None, "load-balancing loss (null = model default: importance_load)",
+                                       choices=("gshard", "importance_load", "none"))
+    aux_loss_weight: Optional[float] = _key(None, "weight of the balancing loss (null = model default: 0.01)")
+    z_loss_weight: Optional[float] = _key(None, "weight of the router z-loss (null = model default: 0)")
+    shared_expert: Optional[bool] = _key(None, "add a dense shared expert beside the routed ones (residual MoE)")
     model_kwargs: Dict[str, Any] = _key({}, "extra keyword arguments for the model constructor")
     grad_checkpointing: bool = _key(False, "recompute activations in backward to save memory")
     # data

@@ -74,10 +74,16 @@ class TrainResult:
     last_eval: Dict[str, Any]
 
 
+# config keys passed to the model constructor when set (null keeps the model's default)
+MODEL_KEYS = ("num_experts", "top_k", "capacity_factor", "drop_path_rate", "moe_blocks", "eval_capacity_factor",
+              "router", "gate_noise", "normalize_gates", "batch_priority", "expert_dropout", "balance_loss",
+              "aux_loss_weight", "z_loss_weight", "shared_expert")
+
+
 def model_args(cfg: TrainConfig, data_cfg: DataConfig) -> Dict[str, Any]:
     """The model constructor arguments: the data's shape and classes, the MoE keys that are set, ``model_kwargs``."""
     args = dict(num_classes=data_cfg.num_classes, in_chans=data_cfg.in_chans, img_size=data_cfg.img_size)
-    for key in ("num_experts", "top_k", "capacity_factor", "drop_path_rate"):
+    for key in MODEL_KEYS:
         if getattr(cfg, key) is not None:
             args[key] = getattr(cfg, key)
     args.update(cfg.model_kwargs)
