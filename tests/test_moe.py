@@ -59,18 +59,24 @@ def _logits(first_choices, confidences, num_experts):
 def test_capacity_keeps_first_tokens_in_token_order():
     # 6 tokens, 2 experts, capacity int(1.0 * ceil(6 / 2)) = 3: tokens 0-4 want expert 0, which keeps 0, 1, 2
     logits = _logits([0, 0, 0, 0, 0, 1], [1., 2., 3., 4., 5., 1.], num_experts=2)
-    routing = top_k_routing(logits, top_k=1, batch_priority=False)
+    routing = top_k_routing(logits, top_k=1)
     plan = plan_dispatch(routing, num_experts=2, capacity=expert_capacity(6, 2, 1, 1.0))
     assert plan.token_index.tolist() == [0, 1, 2, 5]
     assert plan.tokens_per_expert.tolist() == [3, 1]
     assert plan.requested_per_expert.tolist() == [5, 1]
 
 
+def test_one_assignment_over_capacity_is_dropped():
+    logits = _logits([0, 0, 0, 0, 1, 1], [1., 2., 3., 4., 1., 2.], num_experts=2)  # expert 0: 4 tokens, capacity 3
+    plan = plan_dispatch(top_k_routing(logits, top_k=1), num_experts=2, capacity=3)
+    assert plan.token_index.tolist() == [0, 1, 2, 4, 5]
+
+
 def test_batch_priority_keeps_most_confident_tokens():
     # same demand, but with batch-priority routing the three most confident tokens (4, 3, 2) win expert 0
     logits = _logits([0, 0, 0, 0, 0, 1], [1., 2., 3., 4., 5., 1.], num_experts=2)
-    routing = top_k_routing(logits, top_k=1, batch_priority=True)
-    plan = plan_dispatch(routing, num_experts=2, capacity=3)
+    routing = top_k_routing(logits, top_k=1)
+    plan = plan_dispatch(routing, num_experts=2, capacity=3, batch_priority=True)
     assert plan.token_index.tolist() == [4, 3, 2, 5]
 
 
@@ -79,7 +85,7 @@ def test_top2_first_choices_claim_slots_before_second_choices():
     # First choices: A keeps t0, t1 and drops t2; B keeps t3. Second choices: t0 -> B kept, t1 -> C kept,
     # t2 -> B full, t3 -> A full. t2 keeps nothing.
     logits = torch.tensor([[3., 2., 0.], [3., 0., 2.], [3., 2., 0.], [2., 3., 0.]])
-    routing = top_k_routing(logits, top_k=2, batch_priority=False)
+    routing = top_k_routing(logits, top_k=2)
     plan = plan_dispatch(routing, num_experts=3, capacity=2)
     assert plan.token_index.tolist() == [0, 1, 3, 0, 1]
     assert plan.tokens_per_expert.tolist() == [2, 2, 1]
@@ -92,8 +98,8 @@ def test_top2_batch_priority_orders_each_choice_by_top1_probability():
     # top-1 probabilities rank t2 > t1 > t3 > t0, so t2 and t1 win expert A's two slots and t0 loses it;
     # second choices in that order: t2 -> B (t3 holds one slot, t2 takes the other), t1 -> C, t3 -> A full, t0 -> B full
     logits = torch.tensor([[3., 2., 0.], [4., 0., 2.], [5., 2., 0.], [2., 3.5, 0.]])
-    routing = top_k_routing(logits, top_k=2, batch_priority=True)
-    plan = plan_dispatch(routing, num_experts=3, capacity=2)
+    routing = top_k_routing(logits, top_k=2)
+    plan = plan_dispatch(routing, num_experts=3, capacity=2, batch_priority=True)
     assert plan.token_index.tolist() == [2, 1, 3, 2, 1]
 
 
@@ -127,6 +133,13 @@ def test_dropped_token_output_is_zero_and_kept_tokens_match_their_expert():
     assert layer.stats.unrouted_fraction.item() == pytest.approx(2 / 6)
     assert layer.stats.tokens_per_expert.tolist() == [5, 1]
     assert layer.stats.kept_tokens_per_expert.tolist() == [3, 1]
+
+
+def test_layer_batch_priority_drops_the_least_confident_tokens():
+    layer = _identity_router_layer(capacity_factor=1.0)  # batch-priority routing is the default
+    out = layer(torch.tensor([[1., 0.], [2., 0.], [3., 0.], [4., 0.], [5., 0.], [0., 1.]]))
+    assert out[:2].abs().max() == 0
+    assert (out[2:].abs().sum(-1) > 0).all()
 
 
 def test_shared_expert_carries_dropped_tokens():
@@ -316,6 +329,17 @@ def _expert_inputs(dtype=torch.float32):
     x = torch.randn(6, 8, dtype=dtype, generator=generator, requires_grad=True)
     gates = torch.rand(9, dtype=dtype, generator=generator, requires_grad=True)
     return x, torch.tensor([3, 0, 4, 2]), torch.tensor([0, 3, 5, 1, 0, 2, 4, 3, 5]), gates
+
+
+@pytest.mark.parametrize('router', ['linear', 'expert_choice'])
+def test_empty_batch_gives_empty_output_and_zero_losses(router):
+    layer = MoE(8, 16, num_experts=4, router=router, z_loss_weight=0.1)
+    x = torch.randn(2, 0, 8, requires_grad=True)
+    out = layer(x)
+    assert out.shape == (2, 0, 8) and layer.aux_loss.item() == 0 and layer.losses == {}
+    assert layer.stats.dropped_fraction == 0 and layer.stats.unrouted_fraction == 0 and layer.stats.router_entropy == 0
+    (out.sum() + layer.aux_loss).backward()
+    assert x.grad.shape == x.shape
 
 
 def test_grouped_mm_path_matches_the_chunked_kernel():

@@ -44,22 +44,33 @@ def expert_capacity(num_tokens: int, num_experts: int, top_k: int, capacity_fact
     return top_k * int(capacity_factor * math.ceil(num_tokens / num_experts))
 
 
-def plan_dispatch(routing: Routing, num_experts: int, capacity: Optional[int]) -> DispatchPlan:
-    """Keep each expert's first ``capacity`` assignments in claiming order and group them by expert.
+def plan_dispatch(routing: Routing, num_experts: int, capacity: Optional[int],
+                  batch_priority: bool = False) -> DispatchPlan:
+    """Keep each expert's first ``capacity`` assignments in claiming order and group the kept ones by expert.
 
     Args:
         routing: Assignments ``[n]`` in slot-claiming order.
         num_experts: Experts ``e``.
         capacity: Slots per expert, or None for dropless.
+        batch_priority: Batch-priority routing (V-MoE): inside each choice, tokens claim slots in descending order of
+            their top-1 probability (stable), so the least confident tokens are dropped first. Needs the choice-major
+            layout of :func:`gcvimoe.moe.router.top_k_routing`.
 
     Returns:
         The plan; an assignment that finds its expert full is absent from it.
     """
     expert_index = routing.expert_index
     requested = count_per_expert(expert_index, num_experts)
-    order = torch.argsort(expert_index, stable=True)  # grouped by expert, claiming order kept inside a group
-    kept = requested
-    if capacity is not None:
+    if capacity is None or int(requested.max()) <= capacity:  # nothing to drop, so the claiming order is moot
+        order = torch.argsort(expert_index, stable=True)
+        kept = requested
+    else:
+        claim_order = torch.arange(expert_index.numel(), device=expert_index.device)
+        if batch_priority:
+            num_tokens = routing.top1_prob.shape[0]
+            token_order = torch.argsort(routing.top1_prob, descending=True, stable=True)
+            claim_order = claim_order.view(-1, num_tokens)[:, token_order].reshape(-1)
+        order = claim_order[torch.argsort(expert_index[claim_order], stable=True)]  # by expert, claim order inside
         segment_start = requested.cumsum(0) - requested
         slot = torch.arange(order.numel(), device=order.device) - segment_start[expert_index[order]]
         order = order[slot < capacity]

@@ -20,20 +20,39 @@ from timm.layers import to_2tuple
 
 from gcvimoe.moe.dispatch import combine
 
-CHUNK_ROWS = 1024  # a chunk's fc1 output (1024 x h floats) stays in L2/L3 between fc1, activation and fc2
+CHUNK_ROWS = 2048  # a chunk's fc1 output (2048 x h floats) stays in L3 between fc1, activation and fc2; GEMMs of
+# 1024 rows or more run at the speed of a full-batch GEMM
 
 
-def _expert_chunks(tokens_per_expert: List[int]) -> Iterator[Tuple[int, int, int]]:
-    """``(expert, start, stop)`` row ranges of at most ``CHUNK_ROWS`` rows, in expert order."""
+def _expert_chunks(tokens_per_expert: List[int]) -> Iterator[Tuple[int, int, int, bool]]:
+    """``(expert, start, stop, first)`` row ranges in expert order, each expert's rows cut into equal chunks of at
+    most ``CHUNK_ROWS`` rows (no small remainder chunk, whose GEMM would be inefficient); ``first`` marks an
+    expert's first chunk."""
     start = 0
     for expert, size in enumerate(tokens_per_expert):
-        for chunk_start in range(start, start + size, CHUNK_ROWS):
-            yield expert, chunk_start, min(chunk_start + CHUNK_ROWS, start + size)
+        if size:
+            chunk_rows = math.ceil(size / math.ceil(size / CHUNK_ROWS))
+            for chunk_start in range(start, start + size, chunk_rows):
+                yield expert, chunk_start, min(chunk_start + chunk_rows, start + size), chunk_start == start
         start += size
 
 
 def _linear(rows: Tensor, weight: Tensor, bias: Optional[Tensor], out: Optional[Tensor] = None) -> Tensor:
     return torch.mm(rows, weight, out=out) if bias is None else torch.addmm(bias, rows, weight, out=out)
+
+
+def _accumulate_mm(out: Tensor, a: Tensor, b: Tensor, first: bool) -> None:
+    if first:
+        torch.mm(a, b, out=out)
+    else:
+        out.addmm_(a, b)
+
+
+def _accumulate_sum(out: Tensor, rows: Tensor, first: bool) -> None:
+    if first:
+        torch.sum(rows, dim=0, out=out)
+    else:
+        out += rows.sum(dim=0)
 
 
 def _expert_mlp_forward(x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, gates, token_index, chunks, act, hidden_keep,
@@ -44,7 +63,7 @@ def _expert_mlp_forward(x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, gates, to
     rows_buffer = x.new_empty(CHUNK_ROWS, x.shape[1])
     hidden_buffer = x.new_empty(CHUNK_ROWS, fc1_weight.shape[-1]) if hidden is None else None
     out_buffer = x.new_empty(CHUNK_ROWS, fc2_weight.shape[-1])
-    for expert, start, stop in chunks:
+    for expert, start, stop, _ in chunks:
         index = token_index[start:stop]
         rows = torch.index_select(x, 0, index, out=rows_buffer[:stop - start])
         pre_act = hidden_buffer[:stop - start] if hidden is None else hidden[start:stop]
@@ -85,12 +104,17 @@ class _ExpertMLP(torch.autograd.Function):
         need_x, need_w1, need_b1, need_w2, need_b2, need_gates = ctx.needs_input_grad[:6]
         need_pre_act = need_x or need_w1 or need_b1
         grad_x = torch.zeros_like(x) if need_x else None
-        grad_w1 = torch.zeros_like(fc1_weight) if need_w1 else None
-        grad_b1 = torch.zeros_like(fc1_bias) if need_b1 else None
-        grad_w2 = torch.zeros_like(fc2_weight) if need_w2 else None
-        grad_b2 = torch.zeros_like(fc2_bias) if need_b2 else None
+        # an expert's first chunk writes its weight gradients, the others add to them: no zero fill but for idle experts
+        grad_w1, grad_b1, grad_w2, grad_b2 = (
+            torch.empty_like(param) if need else None
+            for param, need in ((fc1_weight, need_w1), (fc1_bias, need_b1), (fc2_weight, need_w2), (fc2_bias, need_b2)))
+        idle = torch.ones(fc1_weight.shape[0], dtype=torch.bool)
+        idle[[expert for expert, _, _, first in ctx.chunks if first]] = False
+        for grad in (grad_w1, grad_b1, grad_w2, grad_b2):
+            if grad is not None and idle.any():
+                grad[idle.to(grad.device)] = 0
         grad_gates = torch.empty_like(gates) if need_gates else None
-        for expert, start, stop in ctx.chunks:
+        for expert, start, stop, first in ctx.chunks:
             index = token_index[start:stop]
             grad_y = grad_out.index_select(0, index)  # [c, d_out], unscaled by the gate
             with torch.enable_grad():
@@ -102,9 +126,9 @@ class _ExpertMLP(torch.autograd.Function):
             gate = None if gates is None else gates[start:stop].unsqueeze(1)
             grad_y_gated = grad_y if gate is None else grad_y * gate
             if need_w2:
-                grad_w2[expert].addmm_(fc2_in.t(), grad_y_gated)
+                _accumulate_mm(grad_w2[expert], fc2_in.t(), grad_y_gated, first)
             if need_b2:
-                grad_b2[expert] += grad_y_gated.sum(0)
+                _accumulate_sum(grad_b2[expert], grad_y_gated, first)
             if not (need_gates or need_pre_act):
                 continue
             grad_fc2_in = grad_y @ fc2_weight[expert].t()  # unscaled: its row-wise dot with fc2_in is the gate's
@@ -120,9 +144,9 @@ class _ExpertMLP(torch.autograd.Function):
                 grad_fc2_in.mul_(masks[start:stop]).div_(ctx.hidden_keep)
             (grad_pre_act,) = torch.autograd.grad(act_out, pre_act, grad_fc2_in)
             if need_w1:
-                grad_w1[expert].addmm_(x.index_select(0, index).t(), grad_pre_act)
+                _accumulate_mm(grad_w1[expert], x.index_select(0, index).t(), grad_pre_act, first)
             if need_b1:
-                grad_b1[expert] += grad_pre_act.sum(0)
+                _accumulate_sum(grad_b1[expert], grad_pre_act, first)
             if need_x:
                 grad_x.index_add_(0, index, grad_pre_act @ fc1_weight[expert].t())
         return grad_x, grad_w1, grad_b1, grad_w2, grad_b2, grad_gates, None, None, None, None

@@ -177,15 +177,14 @@ class MoE(nn.Module):
             capacity = None  # experts took at most their capacity already
         else:
             noise_std = self.gate_noise / self.num_experts if self.training else 0.
-            routing = top_k_routing(logits, self.top_k, normalize_gates=self.normalize_gates,
-                                    batch_priority=self.batch_priority, noise_std=noise_std)
-        plan = plan_dispatch(routing, self.num_experts, capacity)
+            routing = top_k_routing(logits, self.top_k, normalize_gates=self.normalize_gates, noise_std=noise_std)
+        plan = plan_dispatch(routing, self.num_experts, capacity, batch_priority=self.batch_priority)
         out = self.experts(tokens, plan.tokens_per_expert, plan.token_index, gates=plan.gates)
         if self.shared_expert is not None:
             mix = torch.softmax(self.shared_expert_gate(tokens), dim=-1)
             out = out * mix[:, :1] + self.shared_expert(tokens) * mix[:, 1:]
 
-        losses = self._router_losses(routing)
+        losses = self._router_losses(routing) if num_tokens else {}  # means over no tokens would be NaN
         self.aux_loss = self._weighted_loss(losses, logits)
         self.losses = {name: loss.detach() for name, loss in losses.items()}
         self.stats = routing_stats(routing, plan, input_shape)
@@ -208,7 +207,7 @@ class MoE(nn.Module):
         balance_terms = [losses[name] for name in ('balance', 'importance', 'load') if name in losses]
         if balance_terms and self.aux_loss_weight > 0:
             aux_loss = aux_loss + self.aux_loss_weight * sum(balance_terms) / len(balance_terms)
-        if self.z_loss_weight > 0:
+        if 'z' in losses and self.z_loss_weight > 0:
             aux_loss = aux_loss + self.z_loss_weight * losses['z']
         return aux_loss
 

@@ -4,8 +4,7 @@ A router module maps tokens to fp32 logits ``[t, e]``. A routing rule turns the 
 (token, expert, gate) assignments in the order they claim expert slots. Capacity is applied afterwards by the
 dispatcher (:mod:`gcvimoe.moe.dispatch`), so the routing rule and the capacity rule stay independent.
 
-- :func:`top_k_routing`: token choice (GShard, Switch, V-MoE, Tutel), optionally noisy, normalised and
-  batch-prioritised.
+- :func:`top_k_routing`: token choice (GShard, Switch, V-MoE, Tutel), optionally noisy and normalised.
 - :func:`expert_choice_routing`: every expert picks its ``c`` best tokens (Zhou et al. 2022), balanced by construction.
 """
 import math
@@ -28,7 +27,8 @@ class Routing:
         expert_index: Expert of each assignment ``[n]``, in the order assignments claim expert slots.
         token_index: Token of each assignment ``[n]``.
         gates: Weight of each assignment's expert output in its token's output ``[n]``.
-        top1_expert: Most probable expert of every token ``[t]``, in token order.
+        top1_expert: Most probable expert of every token ``[t]``.
+        top1_prob: Its probability ``[t]`` (detached), the priority of batch-priority routing.
         noisy_logits: ``logits`` plus the gate noise, or None when no noise was added.
         noise_std: Standard deviation of the gate noise, 0 without noise.
     """
@@ -38,6 +38,7 @@ class Routing:
     token_index: Tensor
     gates: Tensor
     top1_expert: Tensor
+    top1_prob: Tensor
     noisy_logits: Optional[Tensor] = None
     noise_std: float = 0.0
 
@@ -97,22 +98,20 @@ def top_k_routing(
         top_k: int,
         *,
         normalize_gates: bool = False,
-        batch_priority: bool = False,
         noise_std: float = 0.0,
 ) -> Routing:
     """Token choice: every token picks its ``k`` most probable experts.
 
     The softmax runs over all experts before the top-k, so a gate is the expert's probability (Tutel, GShard). The
-    assignments are ordered choice-major, as GShard claims slots: every token's first choice, then every second
-    choice, and so on. Within a choice tokens keep their input order, or with batch-priority routing (V-MoE) come in
-    descending order of their top-1 probability (stable), so confident tokens are the last to be dropped.
+    assignments are laid out choice-major, ``a = choice * t + token``, the order in which GShard claims slots: every
+    token's first choice, then every second choice, and so on (batch-priority routing reorders the tokens inside each
+    choice, see :func:`gcvimoe.moe.dispatch.plan_dispatch`).
 
     Args:
-        logits: router logits ``[t, e]`` (fp32 or wider).
+        logits: Router logits ``[t, e]`` (fp32 or wider).
         top_k: Experts per token ``k``.
         normalize_gates: Divide each token's ``k`` gates by their sum (before any capacity drop); with ``k = 1`` the
             gate becomes 1.
-        batch_priority: Order tokens by top-1 probability when claiming slots.
         noise_std: Standard deviation of Gaussian noise added to the logits before the choice; 0 for none.
 
     Returns:
@@ -126,19 +125,14 @@ def top_k_routing(
     else:
         top_probs, top_experts = probs.topk(top_k, dim=-1)  # [t, k], column 0 is each token's first choice
     gates = top_probs / top_probs.sum(dim=-1, keepdim=True) if normalize_gates else top_probs
-    top1_expert = top_experts[:, 0]
-    if batch_priority:
-        token_order = torch.argsort(top_probs[:, 0].detach(), descending=True, stable=True)
-        top_experts, gates = top_experts[token_order], gates[token_order]
-    else:
-        token_order = torch.arange(num_tokens, device=logits.device)
     return Routing(
         logits=logits,
         probs=probs,
         expert_index=top_experts.t().reshape(-1),
-        token_index=token_order.repeat(top_k),
+        token_index=torch.arange(num_tokens, device=logits.device).repeat(top_k),
         gates=gates.t().reshape(-1),
-        top1_expert=top1_expert,
+        top1_expert=top_experts[:, 0],
+        top1_prob=top_probs[:, 0].detach(),
         noisy_logits=noisy_logits,
         noise_std=noise_std,
     )
@@ -151,7 +145,7 @@ def expert_choice_routing(logits: Tensor, capacity: int) -> Routing:
     may be picked by several experts or by none (its MoE output is then zero).
 
     Args:
-        logits: router logits ``[t, e]`` (fp32 or wider).
+        logits: Router logits ``[t, e]`` (fp32 or wider).
         capacity: Tokens per expert.
 
     Returns:
@@ -162,5 +156,6 @@ def expert_choice_routing(logits: Tensor, capacity: int) -> Routing:
     picks = min(capacity, num_tokens)
     gates, token_index = probs.t().topk(picks, dim=-1)  # [e, c]
     expert_index = torch.arange(num_experts, device=logits.device).repeat_interleave(picks)
+    top1_prob, top1_expert = probs.detach().max(dim=-1)
     return Routing(logits=logits, probs=probs, expert_index=expert_index, token_index=token_index.reshape(-1),
-                   gates=gates.reshape(-1), top1_expert=probs.argmax(dim=-1))
+                   gates=gates.reshape(-1), top1_expert=top1_expert, top1_prob=top1_prob)

@@ -62,9 +62,9 @@ def routing_stats(routing: Routing, plan: DispatchPlan, input_shape: torch.Size)
     return RoutingStats(
         tokens_per_expert=requested,
         kept_tokens_per_expert=kept,
-        dropped_fraction=1. - kept.sum() / requested.sum().clamp(min=1),
-        unrouted_fraction=1. - tokens_with_output.float().mean(),
-        router_entropy=torch.special.entr(routing.probs).sum(dim=-1).mean(),
+        dropped_fraction=(requested.sum() - kept.sum()) / requested.sum().clamp(min=1),
+        unrouted_fraction=(~tokens_with_output).sum() / max(num_tokens, 1),  # 0, not NaN, for an empty batch
+        router_entropy=torch.special.entr(routing.probs).sum() / max(num_tokens, 1),
         top1_expert=routing.top1_expert.reshape(input_shape),
     )
 

@@ -1,0 +1,128 @@
+"""Our MoE layer vs a dense timm ``Mlp`` doing the same per-token work, one process, fp32 CPU.
+
+    python benchmarks/moe_layer.py                 # every case, 2 threads
+    python benchmarks/moe_layer.py --cases k1-e8 --rounds 20
+
+Train step = forward + backward of a fixed upstream gradient (input gradient included); inference = forward under
+``torch.inference_mode`` in eval mode, with the eval capacity factor set to the training one. Timings are interleaved
+(dense, MoE, MoE, dense, ...); a time ratio is given as the median of the per-round ratios and as the ratio of the
+fastest rounds (on a shared machine the fastest rounds are the least disturbed). Peak memory is the highest
+total of tensor bytes allocated during one step above what existed before it (torch profiler memory events; the
+interpreter, the parameters and the input are excluded). The dropped fraction is the share of (token, expert)
+assignments over capacity: they cost no compute, so a ratio is only meaningful beside it.
+"""
+import argparse
+import itertools
+import os
+import statistics
+import sys
+from dataclasses import dataclass
+
+import torch
+from timm.layers import Mlp
+from torch.profiler import ProfilerActivity, profile
+
+sys.path.insert(0, os.path.dirname(__file__))
+from _common import interleaved_times  # noqa: E402
+
+from gcvimoe.moe import MoE  # noqa: E402
+
+
+@dataclass
+class Case:
+    name: str
+    num_experts: int
+    top_k: int
+    capacity_factor: float
+    dim: int = 384
+    hidden: int = 768
+    tokens: int = 8192
+
+
+CASES = [
+    Case('k1-e8', 8, 1, 1.25),
+    Case('k1-e16', 16, 1, 1.25),
+    Case('k2-e8', 8, 2, 1.25),
+    Case('k2-e16', 16, 2, 1.25),
+    Case('k1-e8-dropless', 8, 1, 0.0),
+    Case('k2-e16-dropless', 16, 2, 0.0),
+    Case('stage1-k1-e8', 8, 1, 1.25, dim=96, hidden=384, tokens=50176),
+]
+
+
+def peak_allocated_bytes(step) -> int:
+    """Highest running total of the bytes allocated by ``step`` (allocations minus frees, in time order)."""
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        step()
+    events = sorted((event.start_ns(), event.nbytes()) for event in prof.profiler.kineto_results.events()
+                    if event.name() == '[memory]')
+    return max(itertools.accumulate((nbytes for _, nbytes in events), initial=0))
+
+
+def run_case(case: Case, rounds: int) -> dict:
+    torch.manual_seed(0)
+    dense = Mlp(case.dim, case.hidden)
+    moe = MoE(case.dim, case.hidden, num_experts=case.num_experts, top_k=case.top_k,
+              capacity_factor=case.capacity_factor, eval_capacity_factor=case.capacity_factor)
+    x = torch.randn(case.tokens, case.dim, requires_grad=True)
+    grad = torch.randn(case.tokens, case.dim)
+    result = {}
+
+    def clear_grads():
+        for model in (dense, moe):
+            model.zero_grad(set_to_none=True)
+        x.grad = None
+
+    def train_step(model):
+        model.train()
+        clear_grads()
+        model(x).backward(grad)
+
+    def infer_step(model):
+        model.eval()
+        with torch.inference_mode():
+            model(x)
+
+    for mode, step in (('train', train_step), ('infer', infer_step)):
+        times = interleaved_times({'dense': lambda: step(dense), 'moe': lambda: step(moe)}, rounds=rounds, warmup=2)
+        result[f'{mode}_ratio'] = statistics.median(m / d for m, d in zip(times['moe'], times['dense']))
+        result[f'{mode}_best_ratio'] = min(times['moe']) / min(times['dense'])
+        result[f'{mode}_dense_ms'] = 1e3 * statistics.median(times['dense'])
+        result[f'{mode}_dropped'] = moe.stats.dropped_fraction.item()
+        peaks = {}
+        for name, model in (('dense', dense), ('moe', moe)):
+            clear_grads()  # gradients freed inside the profiled step would be frees of unknown size
+            peaks[name] = peak_allocated_bytes(lambda: step(model))
+        result[f'{mode}_memory_ratio'] = peaks['moe'] / peaks['dense']
+    return result
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument('--cases', nargs='+', default=[case.name for case in CASES],
+                        choices=[case.name for case in CASES])
+    parser.add_argument('--rounds', type=int, default=10)
+    parser.add_argument('--threads', type=int, default=os.cpu_count() or 1)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    print(f"# MoE layer / dense Mlp, fp32 CPU, {torch.get_num_threads()} threads, median of {args.rounds} "
+          f"interleaved rounds, load average {os.getloadavg()[0]:.1f} at start")
+    print('| case | E | k | capacity factor | D, H, T | train time (median / best) | dropped (train) '
+          '| inference time (median / best) | dropped (infer) | train peak mem | infer peak mem '
+          '| dense train / infer ms |')
+    print('|---|---|---|---|---|---|---|---|---|---|---|---|')
+    for case in CASES:
+        if case.name not in args.cases:
+            continue
+        r = run_case(case, args.rounds)
+        capacity = 'dropless' if case.capacity_factor == 0 else case.capacity_factor
+        print(f"| {case.name} | {case.num_experts} | {case.top_k} | {capacity} | {case.dim}, {case.hidden}, "
+              f"{case.tokens} | {r['train_ratio']:.2f} / {r['train_best_ratio']:.2f} | {r['train_dropped']:.3f} "
+              f"| {r['infer_ratio']:.2f} / {r['infer_best_ratio']:.2f} "
+              f"| {r['infer_dropped']:.3f} | {r['train_memory_ratio']:.2f} | {r['infer_memory_ratio']:.2f} "
+              f"| {r['train_dense_ms']:.0f} / {r['infer_dense_ms']:.0f} |", flush=True)
+    print(f"load average {os.getloadavg()[0]:.1f} at the end")
+
+
+if __name__ == '__main__':
+    main()
