@@ -1,7 +1,8 @@
 """Dispatch and combine: apply expert capacity, group the kept assignments by expert, and sum expert outputs back.
 
 Nothing here is ``[t, e, c]``: the kept assignments are sorted by expert (a stable argsort, O(n log n) for
-``n = t * k`` assignments) so every expert reads one contiguous segment and no padding slot is ever computed.
+``n = t * k`` assignments) so every expert reads one contiguous segment and no padding slot is ever computed. The
+CPU expert kernel combines inside its chunks; :func:`combine` serves the grouped-GEMM and expert-parallel paths.
 """
 import math
 from dataclasses import dataclass
