@@ -24,13 +24,7 @@ TINY = ["--model", "gcvimoe_nano", "--model-kwargs", "{embed_dim: 16}", "--num-e
         "--scale", "0.8,1", "--cutmix", "1.0", "--ema", "--ema-decay", "0.9", "--threads", "1"]
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Validation and prediction run in this process: one thread keeps them fast when other jobs share the cores."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def make_image_folder(root, train_per_class=6, val_per_class=3):

@@ -2,18 +2,11 @@
 import re
 
 import pytest
-import torch
 
 from gcvimoe.cli import main
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Validation and prediction run in this process: one thread keeps them fast when other jobs share the cores."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def test_demo_writes_report_with_plots(tmp_path, capsys):

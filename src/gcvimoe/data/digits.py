@@ -2,8 +2,8 @@
 from typing import Callable, Optional
 
 import numpy as np
-from PIL import Image
-from torch.utils.data import Dataset
+
+from gcvimoe.data.arrays import ArrayImageDataset
 
 DIGITS_CLASSES = tuple(str(d) for d in range(10))
 DIGITS_MEAN = (0.3054,)  # measured on the train split, pixels scaled to [0, 1]
@@ -26,7 +26,7 @@ def digits_split(split: str):
     return images[chosen], digits.target[chosen].astype(np.int64)
 
 
-class DigitsDataset(Dataset):
+class DigitsDataset(ArrayImageDataset):
     """The digits as grayscale PIL images, so that timm's transforms apply unchanged.
 
     Args:
@@ -38,12 +38,3 @@ class DigitsDataset(Dataset):
         self.images, self.targets = digits_split(split)
         self.classes = list(DIGITS_CLASSES)
         self.transform = transform
-
-    def __len__(self) -> int:
-        return len(self.targets)
-
-    def __getitem__(self, index: int):
-        image = Image.fromarray(self.images[index])
-        if self.transform is not None:
-            image = self.transform(image)
-        return image, int(self.targets[index])

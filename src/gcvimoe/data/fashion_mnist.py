@@ -4,9 +4,8 @@ from pathlib import Path
 from typing import Callable, Optional
 
 import numpy as np
-from PIL import Image
-from torch.utils.data import Dataset
 
+from gcvimoe.data.arrays import ArrayImageDataset
 from gcvimoe.errors import GcvimoeError
 
 FASHION_MNIST_DIR = "/usr/share/datasets/fashion-mnist"
@@ -47,7 +46,7 @@ def _find(root: Path, stem: str) -> Path:
         f"(files in {FASHION_MNIST_DIR}) or pass --data-dir with the four Fashion-MNIST IDX files")
 
 
-class FashionMNIST(Dataset):
+class FashionMNIST(ArrayImageDataset):
     """Fashion-MNIST as grayscale PIL images: 60000 train and 10000 val (the official test set) images.
 
     Args:
@@ -68,12 +67,3 @@ class FashionMNIST(Dataset):
             raise GcvimoeError(f"the Fashion-MNIST {split} images and labels in {root} do not match; reinstall them")
         self.classes = list(FASHION_MNIST_CLASSES)
         self.transform = transform
-
-    def __len__(self) -> int:
-        return len(self.targets)
-
-    def __getitem__(self, index: int):
-        image = Image.fromarray(self.images[index])
-        if self.transform is not None:
-            image = self.transform(image)
-        return image, int(self.targets[index])

@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 from gcvimoe.errors import GcvimoeError
+from gcvimoe.models.export import load_weights
 
 FORMAT_VERSION = 1
 
@@ -91,11 +92,8 @@ def model_from_checkpoint(checkpoint: Dict[str, Any], use_ema: bool = False) -> 
         if "ema_state_dict" not in checkpoint:
             raise GcvimoeError("this checkpoint holds no EMA weights (trained without ema); drop --use-ema")
         key = "ema_state_dict"
-    try:
-        model.load_state_dict(checkpoint[key])
-    except RuntimeError as e:
-        raise GcvimoeError(f"the checkpoint's weights do not fit {checkpoint['model_name']} "
-                           f"({str(e).splitlines()[0]}); the file is damaged or from another version") from None
+    # the same strict load, with one-line mismatch errors, as every other checkpoint reader
+    load_weights(model, checkpoint[key], source=f"the checkpoint's {key}")
     return model.eval()
 
 
