@@ -9,6 +9,7 @@ MLP it replaces) and with ``num_experts=0`` (the dense GC ViT twin), both from `
     python benchmarks/fashion_mnist.py --parallel          # both at once, one CPU thread each (2-core machines)
     python benchmarks/fashion_mnist.py --report-only       # rewrite the report from finished runs
     python benchmarks/fashion_mnist.py --epochs 2 --output runs/fmnist-short
+    python benchmarks/fashion_mnist.py --epochs 30 -- --device cuda --workers 6   # after --: more train overrides
 
 The images come from the Debian package ``dataset-fashion-mnist`` (``/usr/share/datasets/fashion-mnist``) or
 ``--data-dir``. Runs offline.
@@ -43,7 +44,11 @@ def parse_args():
     parser.add_argument("--no-report", action="store_true", help="do not rewrite benchmarks/RESULTS.md")
     parser.add_argument("--report-only", action="store_true", help="report on finished runs in --output, no training")
     parser.add_argument("--note", default="", help="a sentence added to the report (e.g. what else ran meanwhile)")
-    return parser.parse_args()
+    parser.add_argument("train_overrides", nargs=argparse.REMAINDER,
+                        help="after --: further `gcvimoe train` overrides for both models (e.g. -- --device cuda)")
+    args = parser.parse_args()
+    args.train_overrides = [a for a in args.train_overrides if a != "--"]
+    return args
 
 
 def train_command(args, name: str) -> list:
@@ -53,7 +58,7 @@ def train_command(args, name: str) -> list:
         command += ["--epochs", str(args.epochs)]
     if args.data_dir:
         command += ["--data-dir", args.data_dir]
-    return command
+    return command + args.train_overrides
 
 
 def run_trainings(args) -> dict:
@@ -113,6 +118,17 @@ def model_sizes() -> dict:
         "moe": {"total_params": info.total_params, "active_params": info.active_params, "macs": info.macs},
         "dense_macs": info.dense_macs,
     }
+
+
+def describe_machine(train_overrides: list, recipe: dict) -> str:
+    """The hardware the runs trained on: the GPU when they were told to use one, else the CPU."""
+    cpu = f"{os.cpu_count()} CPU cores ({platform.processor() or platform.machine()}), torch {torch.__version__}"
+    device = train_overrides[train_overrides.index("--device") + 1] if "--device" in train_overrides else "auto"
+    if device != "cpu" and torch.cuda.is_available():
+        amp = recipe.get("amp") or "--amp" in train_overrides
+        precision = f"{recipe.get('amp_dtype', 'bfloat16')} mixed precision" if amp else "fp32"
+        return f"one {torch.cuda.get_device_name()} ({precision}) with {cpu}"
+    return cpu
 
 
 def format_section(results: dict) -> str:
@@ -182,8 +198,7 @@ def main():
     results["recipe"] = {"config": os.path.relpath(args.config, ROOT), "img_size": recipe.get("img_size"),
                          "batch_size": recipe.get("batch_size"), "lr": float(recipe.get("lr")),
                          "smoothing": recipe.get("smoothing")}
-    results["machine"] = f"{os.cpu_count()} CPU cores ({platform.processor() or platform.machine()}), " \
-                         f"torch {torch.__version__}"
+    results["machine"] = previous.get("machine") or describe_machine(args.train_overrides, recipe)
     results["date"] = previous.get("date", time.strftime("%Y-%m-%d"))
     results["mode"] = previous.get("mode") or ("both models trained at the same time, one CPU thread each"
                                                if args.parallel else "one model after the other")
