@@ -37,15 +37,22 @@ def _expert_chunks(tokens_per_expert: List[int]) -> Iterator[Tuple[int, int, int
         start += size
 
 
-def _linear(rows: Tensor, weight: Tensor, bias: Optional[Tensor], out: Optional[Tensor] = None) -> Tensor:
-    return torch.mm(rows, weight, out=out) if bias is None else torch.addmm(bias, rows, weight, out=out)
+def _linear(rows: Tensor, weight: Tensor, bias: Optional[Tensor], out: Optional[Tensor] = None,
+            scale: float = 1.) -> Tensor:
+    """``scale * rows @ weight + bias``"""
+    if bias is None:
+        return torch.mm(rows, weight, out=out) if scale == 1 else torch.mm(rows, weight, out=out).mul_(scale)
+    return torch.addmm(bias, rows, weight, alpha=scale, out=out)
 
 
-def _accumulate_mm(out: Tensor, a: Tensor, b: Tensor, first: bool) -> None:
+def _accumulate_mm(out: Tensor, a: Tensor, b: Tensor, first: bool, scale: float = 1.) -> None:
+    """``out = scale * a @ b`` for an expert's first chunk, ``out += scale * a @ b`` for the others."""
     if first:
         torch.mm(a, b, out=out)
+        if scale != 1:
+            out.mul_(scale)
     else:
-        out.addmm_(a, b)
+        out.addmm_(a, b, alpha=scale)
 
 
 def _accumulate_sum(out: Tensor, rows: Tensor, first: bool) -> None:
@@ -53,6 +60,28 @@ def _accumulate_sum(out: Tensor, rows: Tensor, first: bool) -> None:
         torch.sum(rows, dim=0, out=out)
     else:
         out += rows.sum(dim=0)
+
+
+def _drop_mask(rows: int, cols: int, keep: float, device: torch.device, out: Optional[Tensor] = None) -> Tensor:
+    """A dropout mask ``[rows, cols]``, True where an element is dropped (probability ``1 - keep``).
+
+    Made from 16 random bits per element: on the CPU ``bernoulli_`` draws one random number per element and was
+    measured at 9.7 ms for 1568 x 768, four elements per 64-bit draw at 2.1 ms. ``keep`` is rounded to a multiple of
+    2^-16 (0.9 becomes 0.900009).
+    """
+    count = rows * cols
+    words = torch.randint(-2 ** 63, 2 ** 63 - 1, ((count + 3) // 4,), dtype=torch.int64, device=device)
+    threshold = round(keep * 65536) - 32768  # a share ``keep`` of the int16 values lies below it
+    return torch.ge(words.view(torch.int16)[:count].view(rows, cols), threshold, out=out)
+
+
+def _activation_backward(act: nn.Module, pre_act: Tensor, grad: Tensor) -> Tensor:
+    """Gradient of ``act`` at ``pre_act``: a direct kernel call for GELU, autograd for any other activation."""
+    if type(act) is nn.GELU:
+        return torch.ops.aten.gelu_backward(grad, pre_act, approximate=act.approximate)
+    with torch.enable_grad():
+        pre_act = pre_act.detach().requires_grad_()
+        return torch.autograd.grad(act(pre_act), pre_act, grad)[0]
 
 
 def _expert_mlp_forward(x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, gates, token_index, chunks, act, hidden_keep,
@@ -69,11 +98,11 @@ def _expert_mlp_forward(x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, gates, to
         pre_act = hidden_buffer[:stop - start] if hidden is None else hidden[start:stop]
         _linear(rows, fc1_weight[expert], None if fc1_bias is None else fc1_bias[expert], out=pre_act)
         act_out = act(pre_act)
-        if hidden_keep < 1:
-            mask = masks[start:stop] if masks is not None else act_out.new_empty(act_out.shape, dtype=torch.bool)
-            act_out = act_out.mul_(mask.bernoulli_(hidden_keep)).div_(hidden_keep)
+        if hidden_keep < 1:  # inverted dropout: the 1 / keep scale rides on the fc2 GEMM
+            dropped = _drop_mask(*act_out.shape, hidden_keep, x.device, out=None if masks is None else masks[start:stop])
+            act_out.masked_fill_(dropped, 0.)
         y = _linear(act_out, fc2_weight[expert], None if fc2_bias is None else fc2_bias[expert],
-                    out=out_buffer[:stop - start])
+                    out=out_buffer[:stop - start], scale=1. / hidden_keep)
         if gates is not None:
             y.mul_(gates[start:stop].unsqueeze(1))
         out.index_add_(0, index, y)
@@ -83,7 +112,7 @@ def _expert_mlp_forward(x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, gates, to
 class _ExpertMLP(torch.autograd.Function):
     """``out[t] = sum over rows r of token t: gate_r * fc2_e(drop(act(fc1_e(x[t]))))``, chunk by chunk.
 
-    Saved for backward: the input (not a gathered copy), the weights, the fc1 outputs and the dropout masks. The
+    Saved for backward: the input (not a gathered copy), the weights, the fc1 outputs and the dropout masks (True = dropped). The
     gate's gradient comes from the fc2 input-gradient GEMM, so no output is saved either.
     """
 
@@ -117,32 +146,34 @@ class _ExpertMLP(torch.autograd.Function):
         for expert, start, stop, first in ctx.chunks:
             index = token_index[start:stop]
             grad_y = grad_out.index_select(0, index)  # [c, d_out], unscaled by the gate
-            with torch.enable_grad():
-                pre_act = hidden[start:stop].detach().requires_grad_()
-                act_out = ctx.act(pre_act)
-            fc2_in = act_out.detach()
+            pre_act = hidden[start:stop]
+            # fc2's input is fc2_in / keep: act(pre_act) (recomputed, cheaper than saving it) with the dropped zeroed
+            fc2_in = ctx.act(pre_act)
             if masks is not None:
-                fc2_in = fc2_in * masks[start:stop] / ctx.hidden_keep
+                fc2_in.masked_fill_(masks[start:stop], 0.)
             gate = None if gates is None else gates[start:stop].unsqueeze(1)
             grad_y_gated = grad_y if gate is None else grad_y * gate
             if need_w2:
-                _accumulate_mm(grad_w2[expert], fc2_in.t(), grad_y_gated, first)
+                _accumulate_mm(grad_w2[expert], fc2_in.t(), grad_y_gated, first, scale=1. / ctx.hidden_keep)
             if need_b2:
                 _accumulate_sum(grad_b2[expert], grad_y_gated, first)
             if not (need_gates or need_pre_act):
                 continue
-            grad_fc2_in = grad_y @ fc2_weight[expert].t()  # unscaled: its row-wise dot with fc2_in is the gate's
+            grad_fc2_in = grad_y @ fc2_weight[expert].t()  # unscaled: its row-wise dot with fc2's input is the gate's
             if need_gates:
                 grad_gates[start:stop] = torch.linalg.vecdot(grad_fc2_in, fc2_in)
+                if ctx.hidden_keep < 1:
+                    grad_gates[start:stop] /= ctx.hidden_keep
                 if fc2_bias is not None:
                     grad_gates[start:stop] += grad_y @ fc2_bias[expert]
             if not need_pre_act:
                 continue
-            if gate is not None:
-                grad_fc2_in.mul_(gate)
             if masks is not None:
-                grad_fc2_in.mul_(masks[start:stop]).div_(ctx.hidden_keep)
-            (grad_pre_act,) = torch.autograd.grad(act_out, pre_act, grad_fc2_in)
+                grad_fc2_in.masked_fill_(masks[start:stop], 0.)
+            scale = 1. / ctx.hidden_keep if gate is None else gate / ctx.hidden_keep
+            if gate is not None or ctx.hidden_keep < 1:
+                grad_fc2_in.mul_(scale)
+            grad_pre_act = _activation_backward(ctx.act, pre_act, grad_fc2_in)
             if need_w1:
                 _accumulate_mm(grad_w1[expert], x.index_select(0, index).t(), grad_pre_act, first)
             if need_b1:
