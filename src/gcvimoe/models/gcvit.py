@@ -112,7 +112,8 @@ class Stem(nn.Module):
         self.down = Downsample2d(out_chs, act_layer=act_layer, norm_layer=norm_layer, **dd)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down(self.conv1(x))
+        # channels-last convolutions: the LayerNorm2d permutes to NHWC and back become views instead of copies
+        return self.down(self.conv1(x.contiguous(memory_format=torch.channels_last)))
 
 
 class RelativePositionBias(nn.Module):
