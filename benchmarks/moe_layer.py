@@ -2,6 +2,7 @@
 
     python benchmarks/moe_layer.py                 # every case, 2 threads
     python benchmarks/moe_layer.py --cases k1-e8 --rounds 20
+    python benchmarks/moe_layer.py --device cuda --token-scale 8   # bf16 autocast on a GPU (grouped GEMM experts)
 
 Train step = forward + backward of a fixed upstream gradient (input gradient included); inference = forward under
 ``torch.inference_mode`` in eval mode, with the eval capacity factor set to the training one. Timings are interleaved
@@ -59,13 +60,26 @@ def peak_allocated_bytes(step) -> int:
     return max(itertools.accumulate((nbytes for _, nbytes in events), initial=0))
 
 
-def run_case(case: Case, rounds: int) -> dict:
+def cuda_peak_bytes(step) -> int:
+    """Peak CUDA memory allocated by ``step`` above what was allocated before it."""
+    torch.cuda.synchronize()
+    before = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    step()
+    torch.cuda.synchronize()
+    return torch.cuda.max_memory_allocated() - before
+
+
+def run_case(case: Case, rounds: int, device: str = 'cpu', token_scale: int = 1) -> dict:
+    """Time ratios MoE / dense for a train step and inference; on CUDA under bf16 autocast, synchronised."""
     torch.manual_seed(0)
-    dense = Mlp(case.dim, case.hidden)
+    dense = Mlp(case.dim, case.hidden).to(device)
     moe = MoE(case.dim, case.hidden, num_experts=case.num_experts, top_k=case.top_k,
-              capacity_factor=case.capacity_factor, eval_capacity_factor=case.capacity_factor)
-    x = torch.randn(case.tokens, case.dim, requires_grad=True)
-    grad = torch.randn(case.tokens, case.dim)
+              capacity_factor=case.capacity_factor, eval_capacity_factor=case.capacity_factor).to(device)
+    tokens = case.tokens * token_scale
+    x = torch.randn(tokens, case.dim, device=device, requires_grad=True)
+    grad = torch.randn(tokens, case.dim, device=device)
+    cuda = device.startswith('cuda')
     result = {}
 
     def clear_grads():
@@ -76,12 +90,18 @@ def run_case(case: Case, rounds: int) -> dict:
     def train_step(model):
         model.train()
         clear_grads()
-        model(x).backward(grad)
+        with torch.autocast('cuda', dtype=torch.bfloat16, enabled=cuda):
+            out = model(x)
+        out.backward(grad.to(out.dtype))
+        if cuda:
+            torch.cuda.synchronize()
 
     def infer_step(model):
         model.eval()
-        with torch.inference_mode():
+        with torch.inference_mode(), torch.autocast('cuda', dtype=torch.bfloat16, enabled=cuda):
             model(x)
+        if cuda:
+            torch.cuda.synchronize()
 
     for mode, step in (('train', train_step), ('infer', infer_step)):
         times = interleaved_times({'dense': lambda: step(dense), 'moe': lambda: step(moe)}, rounds=rounds, warmup=2)
@@ -92,7 +112,7 @@ def run_case(case: Case, rounds: int) -> dict:
         peaks = {}
         for name, model in (('dense', dense), ('moe', moe)):
             clear_grads()  # gradients freed inside the profiled step would be frees of unknown size
-            peaks[name] = peak_allocated_bytes(lambda: step(model))
+            peaks[name] = (cuda_peak_bytes if cuda else peak_allocated_bytes)(lambda: step(model))
         result[f'{mode}_memory_ratio'] = peaks['moe'] / peaks['dense']
     return result
 
@@ -103,9 +123,15 @@ def main() -> None:
                         choices=[case.name for case in CASES])
     parser.add_argument('--rounds', type=int, default=10)
     parser.add_argument('--threads', type=int, default=os.cpu_count() or 1)
+    parser.add_argument('--device', default='cpu', help="cpu (fp32) or cuda (bf16 autocast)")
+    parser.add_argument('--token-scale', type=int, default=1, help="multiply every case's token count T")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    print(f"# MoE layer / dense Mlp, fp32 CPU, {torch.get_num_threads()} threads, median of {args.rounds} "
+    if args.device.startswith('cuda'):
+        where = f"bf16 autocast on {torch.cuda.get_device_name(args.device)}, torch {torch.__version__}"
+    else:
+        where = f"fp32 CPU, {torch.get_num_threads()} threads"
+    print(f"# MoE layer / dense Mlp, {where}, T x {args.token_scale}, median of {args.rounds} "
           f"interleaved rounds, load average {os.getloadavg()[0]:.1f} at start")
     print('| case | E | k | capacity factor | D, H, T | train time (median / best) | dropped (train) '
           '| inference time (median / best) | dropped (infer) | train peak mem | infer peak mem '
@@ -114,13 +140,13 @@ def main() -> None:
     for case in CASES:
         if case.name not in args.cases:
             continue
-        r = run_case(case, args.rounds)
+        r = run_case(case, args.rounds, args.device, args.token_scale)
         capacity = 'dropless' if case.capacity_factor == 0 else case.capacity_factor
         print(f"| {case.name} | {case.num_experts} | {case.top_k} | {capacity} | {case.dim}, {case.hidden}, "
-              f"{case.tokens} | {r['train_ratio']:.2f} / {r['train_best_ratio']:.2f} | {r['train_dropped']:.3f} "
+              f"{case.tokens * args.token_scale} | {r['train_ratio']:.2f} / {r['train_best_ratio']:.2f} | {r['train_dropped']:.3f} "
               f"| {r['infer_ratio']:.2f} / {r['infer_best_ratio']:.2f} "
               f"| {r['infer_dropped']:.3f} | {r['train_memory_ratio']:.2f} | {r['infer_memory_ratio']:.2f} "
-              f"| {r['train_dense_ms']:.0f} / {r['infer_dense_ms']:.0f} |", flush=True)
+              f"| {r['train_dense_ms']:.3g} / {r['infer_dense_ms']:.3g} |", flush=True)
     print(f"load average {os.getloadavg()[0]:.1f} at the end")
 
 
