@@ -448,3 +448,15 @@ def test_helpers_collect_every_layer():
     assert summary['dropped_fraction'] == pytest.approx(
         (model[0].stats.dropped_fraction.item() + model[2].stats.dropped_fraction.item()) / 2)
     assert summary['2/loss_balance'] == pytest.approx(model[2].losses['balance'].item())
+
+
+@pytest.mark.parametrize("keep", [0.9, 0.5, 0.25])
+def test_expert_dropout_mask_rate(keep):
+    """The 16-bit dropout masks drop a share 1 - keep of the elements, independently of position."""
+    from gcvimoe.moe.experts import _drop_mask
+    dropped = _drop_mask(1000, 1001, keep, torch.device('cpu'))  # odd element count: the last 64-bit word is partial
+    assert dropped.shape == (1000, 1001) and dropped.dtype == torch.bool
+    assert abs(dropped.float().mean().item() - (1 - keep)) < 3e-3
+    # no pattern along the four 16-bit lanes of a 64-bit word
+    lanes = dropped.view(-1)[:1000 * 1000].view(-1, 4).float().mean(0)
+    torch.testing.assert_close(lanes, torch.full((4,), 1 - keep), atol=5e-3, rtol=0)
