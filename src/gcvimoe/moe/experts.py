@@ -39,18 +39,17 @@ def _expert_chunks(tokens_per_expert: List[int]) -> Iterator[Tuple[int, int, int
 
 def _linear(rows: Tensor, weight: Tensor, bias: Optional[Tensor], out: Optional[Tensor] = None,
             scale: float = 1.) -> Tensor:
-    """``scale * rows @ weight + bias``"""
-    if bias is None:
-        return torch.mm(rows, weight, out=out) if scale == 1 else torch.mm(rows, weight, out=out).mul_(scale)
-    return torch.addmm(bias, rows, weight, alpha=scale, out=out)
+    """``scale * rows @ weight + bias``, written into ``out`` when given."""
+    if bias is not None:
+        return torch.addmm(bias, rows, weight, alpha=scale, out=out)
+    out = torch.mm(rows, weight, out=out)
+    return out if scale == 1 else out.mul_(scale)
 
 
 def _accumulate_mm(out: Tensor, a: Tensor, b: Tensor, first: bool, scale: float = 1.) -> None:
     """``out = scale * a @ b`` for an expert's first chunk, ``out += scale * a @ b`` for the others."""
     if first:
-        torch.mm(a, b, out=out)
-        if scale != 1:
-            out.mul_(scale)
+        _linear(a, b, None, out=out, scale=scale)
     else:
         out.addmm_(a, b, alpha=scale)
 
