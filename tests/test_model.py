@@ -61,14 +61,37 @@ def test_moe_block_keeps_attention_residual():
     assert isinstance(block.mlp, MoE)
     x = torch.randn(2, 16, 4, 4)
     layout = WindowLayout((4, 4), (4, 4), x.device)
-    tokens = layout.partition(x)
+    tokens = layout.partition(x).contiguous()
+    tokens_before = tokens.clone()
     with torch.no_grad():
         actual = block(tokens, None, layout)
+        assert torch.equal(tokens, tokens_before)  # without autograd the block works in place, but not on its input
         after_attn = tokens + block.attn(block.norm1(tokens).view(2, 16, 16), None, (4, 4)).view(2, 16, 16)
         expected = after_attn + block.mlp(block.norm2(after_attn))
         buggy = tokens + block.mlp(block.norm2(after_attn))
     torch.testing.assert_close(actual, expected)
     assert not torch.allclose(actual, buggy)
+
+
+@pytest.mark.parametrize('num_experts', [0, 4])
+@pytest.mark.parametrize('img_size', [64, 72], ids=['whole-windows', 'padded-windows'])
+def test_inference_path_equals_autograd_path(num_experts, img_size):
+    """Without autograd a block adds its branches into the residual in place, inside the projection GEMMs and with
+    the layer scale folded into the weights; the result must be the autograd path's and the input must not change."""
+    model = create_model('gcvimoe_xxtiny', num_classes=10, img_size=64, num_experts=num_experts, layer_scale=1.,
+                         capacity_factor=0.).eval()
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if name.endswith('gamma'):  # layer scales: random, so that folding them in is checked
+                param.normal_()
+    x = torch.randn(2, 3, img_size, img_size)
+    x_before = x.clone()
+    expected = model(x)  # grad enabled: the plain path
+    with torch.inference_mode():
+        actual = model(x)
+    assert sum(name.endswith('gamma') for name, _ in model.named_parameters()) > 0
+    torch.testing.assert_close(actual, expected.detach(), rtol=1e-5, atol=1e-5)
+    assert torch.equal(x, x_before)
 
 
 def test_aux_loss_is_summed_over_all_moe_layers():

@@ -11,6 +11,9 @@ strictly. The implementation differs where it pays:
   LayerNorm, MLP and MoE (all per token) run in that order and the stage partitions and restores windows once,
   not twice per block.
 - Attention runs through ``F.scaled_dot_product_attention`` with the relative position bias as the additive mask.
+- Without autograd (inference) a block adds each branch into the residual stream in place, as the beta = 1 term
+  of the branch's output GEMM (layer scale folded into the weight), and runs GELU in place: fewer passes over
+  memory, the same numbers.
 - Any input size runs: windows are clipped to the feature map, maps that the window does not divide are padded
   (padded keys masked, padded tokens kept out of the MLP/MoE), and the global query is resized to the window when
   the tower's output does not match it. Relative position tables are resized on load when the window changes.
@@ -200,7 +203,17 @@ class WindowAttentionGlobal(nn.Module):
             window: Tuple[int, int],
             key_mask: Optional[torch.Tensor] = None,
     ) -> torch.Tensor:
-        """Attention within windows.
+        """Attention within windows, then the output projection; arguments as for :meth:`attend`."""
+        return self.proj_drop(self.proj(self.attend(x, q_global, window, key_mask)))
+
+    def attend(
+            self,
+            x: torch.Tensor,
+            q_global: torch.Tensor,
+            window: Tuple[int, int],
+            key_mask: Optional[torch.Tensor] = None,
+    ) -> torch.Tensor:
+        """Attention within windows, heads merged, before the output projection: ``[b*w, n, c]``.
 
         Args:
             x: Window tokens ``[b*w, n, c]`` (w windows per image, n tokens per window).
@@ -225,8 +238,7 @@ class WindowAttentionGlobal(nn.Module):
             x = F.scaled_dot_product_attention(
                 q, k, v, attn_mask=bias, dropout_p=self.attn_drop if self.training else 0.,
             )
-        x = x.transpose(1, 2).reshape(bw, n, c)
-        return self.proj_drop(self.proj(x))
+        return x.transpose(1, 2).reshape(bw, n, c)
 
 
 class WindowLayout:
@@ -286,6 +298,26 @@ class WindowLayout:
         if self.key_mask is None:
             return None
         return self.key_mask.repeat(batch_size, 1, 1, 1)
+
+
+def _add_linear(x: torch.Tensor, inputs: torch.Tensor, linear: nn.Linear, layer_scale: nn.Module,
+                inplace: bool) -> torch.Tensor:
+    """``x + layer_scale(linear(inputs))`` without autograd, in ``x``'s memory when ``inplace``: one GEMM that
+    accumulates into the residual (beta = 1) instead of a GEMM, a scale and an add over separate tensors."""
+    weight, bias = linear.weight, linear.bias
+    if isinstance(layer_scale, LayerScale):
+        weight = weight * layer_scale.gamma[:, None]
+        bias = bias * layer_scale.gamma if bias is not None else None
+    if inplace and x.is_contiguous():
+        out = x if bias is None else x.add_(bias)
+    else:
+        out = torch.empty_like(x, memory_format=torch.contiguous_format)
+        if bias is None:
+            out.copy_(x)
+        else:
+            torch.add(x, bias, out=out)
+    out.view(-1, out.shape[-1]).addmm_(inputs.reshape(-1, inputs.shape[-1]), weight.t())
+    return out
 
 
 class GlobalContextVitBlock(nn.Module):
@@ -353,19 +385,47 @@ class GlobalContextVitBlock(nn.Module):
             q_global: torch.Tensor,
             layout: WindowLayout,
             key_mask: Optional[torch.Tensor] = None,
+            owns_input: bool = False,
     ) -> torch.Tensor:
         """Args:
             x: Stage tokens in window order ``[b, w * n, c]``.
             q_global: ``[b*w, h, n, c/h]`` global queries (used by global blocks).
             layout: The stage's window layout.
             key_mask: ``[b*w, 1, 1, n]`` additive padding mask, or None.
+            owns_input: Inference may write the residual stream into ``x`` (the stage's own tensor, no one else's).
         """
+        if not self.training and not torch.is_grad_enabled():
+            return self._forward_inference(x, q_global, layout, key_mask, owns_input)
         b, length, c = x.shape
         windows = self.norm1(x).view(b * layout.num_windows, layout.tokens_per_window, c)
         attn = self.attn(windows, q_global, layout.window, key_mask).view(b, length, c)
         x = x + self.drop_path1(self.ls1(attn))
         x = x + self.drop_path2(self.ls2(self._mlp(self.norm2(x), layout.valid_index)))
         return x
+
+    def _forward_inference(
+            self,
+            x: torch.Tensor,
+            q_global: torch.Tensor,
+            layout: WindowLayout,
+            key_mask: Optional[torch.Tensor],
+            owns_input: bool,
+    ) -> torch.Tensor:
+        """The same block without autograd, fewer passes over memory: each residual add is the beta=1 term of the
+        projection GEMM (layer scale folded into its weight), and GELU runs in place."""
+        b, length, c = x.shape
+        windows = self.norm1(x).view(b * layout.num_windows, layout.tokens_per_window, c)
+        attn = self.attn.attend(windows, q_global, layout.window, key_mask)
+        x = _add_linear(x, attn, self.attn.proj, self.ls1, inplace=owns_input)
+        mlp = self.mlp
+        if isinstance(mlp, Mlp) and layout.valid_index is None and isinstance(mlp.norm, nn.Identity):
+            hidden = mlp.fc1(self.norm2(x))
+            if type(mlp.act) is nn.GELU:
+                hidden = torch.ops.aten.gelu_(hidden, approximate=mlp.act.approximate)
+            else:
+                hidden = mlp.act(hidden)
+            return _add_linear(x, hidden, mlp.fc2, self.ls2, inplace=True)
+        return x.add_(self.ls2(self._mlp(self.norm2(x), layout.valid_index)))
 
 
 class GlobalContextVitStage(nn.Module):
@@ -458,11 +518,11 @@ class GlobalContextVitStage(nn.Module):
         q_global = self._global_queries(x, layout)
         key_mask = layout.window_batch_mask(b)
         x = layout.partition(x)
-        for blk in self.blocks:
+        for i, blk in enumerate(self.blocks):
             if self.grad_checkpointing and not torch.jit.is_scripting():
                 x = checkpoint(blk, x, q_global, layout, key_mask, use_reentrant=False)
             else:
-                x = blk(x, q_global, layout, key_mask)
+                x = blk(x, q_global, layout, key_mask, owns_input=i > 0)
         x = self.norm(x)
         return layout.reverse(x)
 

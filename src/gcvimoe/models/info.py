@@ -6,7 +6,7 @@ from typing import List, Optional, Sequence
 
 import torch
 import torch.nn as nn
-from torch.utils.flop_counter import FlopCounterMode, register_flop_formula, sdpa_flop_count
+from torch.utils.flop_counter import FlopCounterMode, mm_flop, register_flop_formula, sdpa_flop_count
 
 from gcvimoe.errors import GcvimoeError
 
@@ -17,6 +17,12 @@ aten = torch.ops.aten
 @register_flop_formula(aten._scaled_dot_product_flash_attention_for_cpu)
 def _sdpa_cpu_flop(query_shape, key_shape, value_shape, *args, out_shape=None, **kwargs) -> int:
     return sdpa_flop_count(query_shape, key_shape, value_shape)
+
+
+# nor the in-place addmm_ with which inference adds a projection into the residual stream
+@register_flop_formula(aten.addmm_)
+def _addmm_inplace_flop(self_shape, a_shape, b_shape, *args, **kwargs) -> int:
+    return mm_flop(a_shape, b_shape)
 
 
 def count_macs(model: nn.Module, input_size: Sequence[int]) -> int:
