@@ -96,7 +96,9 @@ def _expert_mlp_forward(x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, gates, to
         rows = torch.index_select(x, 0, index, out=rows_buffer[:stop - start])
         pre_act = hidden_buffer[:stop - start] if hidden is None else hidden[start:stop]
         _linear(rows, fc1_weight[expert], None if fc1_bias is None else fc1_bias[expert], out=pre_act)
-        act_out = act(pre_act)
+        # without a saved fc1 output (inference) GELU overwrites its input, the chunk's scratch buffer
+        act_out = torch.ops.aten.gelu_(pre_act, approximate=act.approximate) if (
+            hidden is None and type(act) is nn.GELU) else act(pre_act)
         if hidden_keep < 1:  # inverted dropout: the 1 / keep scale rides on the fc2 GEMM
             dropped = _drop_mask(*act_out.shape, hidden_keep, x.device, out=None if masks is None else masks[start:stop])
             act_out.masked_fill_(dropped, 0.)
