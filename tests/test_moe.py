@@ -39,6 +39,8 @@ def test_identical_experts_dropless_normalized_equal_dense_mlp(top_k):
     torch.testing.assert_close(layer.experts.fc1_weight.grad.sum(0), mlp.fc1.weight.grad.t(), rtol=1e-4, atol=1e-5)
     torch.testing.assert_close(layer.experts.fc2_bias.grad.sum(0), mlp.fc2.bias.grad, rtol=1e-4, atol=1e-5)
     assert layer.stats.dropped_fraction == 0
+    with torch.inference_mode():  # the inference kernel (activation in place on its scratch buffer) too
+        torch.testing.assert_close(layer.eval()(x), mlp.eval()(x), rtol=1e-5, atol=1e-6)
 
 
 def test_expert_capacity_is_tutels_rule():
