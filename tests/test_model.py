@@ -94,6 +94,17 @@ def test_inference_path_equals_autograd_path(num_experts, img_size):
     assert torch.equal(x, x_before)
 
 
+def test_bf16_autocast_inference_stays_close_to_fp32():
+    model = create_model('gcvimoe_xxtiny', num_classes=10, img_size=64).eval()
+    x = torch.randn(2, 3, 64, 64)
+    with torch.inference_mode():
+        expected = model(x)
+        with torch.autocast('cpu', dtype=torch.bfloat16):
+            actual = model(x)
+    assert torch.isfinite(actual).all()
+    torch.testing.assert_close(actual.float(), expected, rtol=0.1, atol=0.1)
+
+
 def test_aux_loss_is_summed_over_all_moe_layers():
     model = create_model('gcvimoe_nano', num_classes=10, num_experts=4, z_loss_weight=1e-3).train()
     model(torch.randn(8, 1, 32, 32))

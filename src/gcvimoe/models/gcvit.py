@@ -394,7 +394,8 @@ class GlobalContextVitBlock(nn.Module):
             key_mask: ``[b*w, 1, 1, n]`` additive padding mask, or None.
             owns_input: Inference may write the residual stream into ``x`` (the stage's own tensor, no one else's).
         """
-        if not self.training and not torch.is_grad_enabled():
+        # (under autocast the branches come out in half precision and the fp32 residual cannot take them in place)
+        if not self.training and not torch.is_grad_enabled() and not torch.is_autocast_enabled(x.device.type):
             return self._forward_inference(x, q_global, layout, key_mask, owns_input)
         b, length, c = x.shape
         windows = self.norm1(x).view(b * layout.num_windows, layout.tokens_per_window, c)
