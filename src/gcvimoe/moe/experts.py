@@ -83,22 +83,31 @@ def _activation_backward(act: nn.Module, pre_act: Tensor, grad: Tensor) -> Tenso
         return torch.autograd.grad(act(pre_act), pre_act, grad)[0]
 
 
+def _activation(act: nn.Module, pre_act: Tensor, out: Tensor) -> Tensor:
+    """``act(pre_act)``, for GELU written into the scratch tensor ``out`` (which may be ``pre_act`` itself): a fresh
+    tensor per chunk costs an allocation and a second chunk-sized area of cache."""
+    if type(act) is not nn.GELU:
+        return act(pre_act)
+    if out.data_ptr() == pre_act.data_ptr():
+        return torch.ops.aten.gelu_(pre_act, approximate=act.approximate)
+    return torch.ops.aten.gelu.out(pre_act, approximate=act.approximate, out=out)
+
+
 def _expert_mlp_forward(x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, gates, token_index, chunks, act, hidden_keep,
                         hidden=None, masks=None):
     """Forward of :class:`_ExpertMLP`; fills ``hidden`` (fc1 outputs) and ``masks`` (dropout) when given."""
     out = x.new_zeros(x.shape[0], fc2_weight.shape[-1])
     # chunk-sized scratch buffers, reused so that every chunk's temporaries stay in cache and cost no page faults
     rows_buffer = x.new_empty(CHUNK_ROWS, x.shape[1])
-    hidden_buffer = x.new_empty(CHUNK_ROWS, fc1_weight.shape[-1]) if hidden is None else None
+    # without a saved fc1 output (inference) the activation overwrites the fc1 scratch buffer
+    hidden_buffer = x.new_empty(CHUNK_ROWS, fc1_weight.shape[-1])
     out_buffer = x.new_empty(CHUNK_ROWS, fc2_weight.shape[-1])
     for expert, start, stop, _ in chunks:
         index = token_index[start:stop]
         rows = torch.index_select(x, 0, index, out=rows_buffer[:stop - start])
         pre_act = hidden_buffer[:stop - start] if hidden is None else hidden[start:stop]
         _linear(rows, fc1_weight[expert], None if fc1_bias is None else fc1_bias[expert], out=pre_act)
-        # without a saved fc1 output (inference) GELU overwrites its input, the chunk's scratch buffer
-        act_out = torch.ops.aten.gelu_(pre_act, approximate=act.approximate) if (
-            hidden is None and type(act) is nn.GELU) else act(pre_act)
+        act_out = _activation(act, pre_act, out=hidden_buffer[:stop - start])
         if hidden_keep < 1:  # inverted dropout: the 1 / keep scale rides on the fc2 GEMM
             dropped = _drop_mask(*act_out.shape, hidden_keep, x.device, out=None if masks is None else masks[start:stop])
             act_out.masked_fill_(dropped, 0.)
@@ -144,12 +153,13 @@ class _ExpertMLP(torch.autograd.Function):
             if grad is not None and idle.any():
                 grad[idle.to(grad.device)] = 0
         grad_gates = torch.empty_like(gates) if need_gates else None
+        act_buffer = hidden.new_empty(min(CHUNK_ROWS, hidden.shape[0]), hidden.shape[1])
         for expert, start, stop, first in ctx.chunks:
             index = token_index[start:stop]
             grad_y = grad_out.index_select(0, index)  # [c, d_out], unscaled by the gate
             pre_act = hidden[start:stop]
             # fc2's input is fc2_in / keep: act(pre_act) (recomputed, cheaper than saving it) with the dropped zeroed
-            fc2_in = ctx.act(pre_act)
+            fc2_in = _activation(ctx.act, pre_act, out=act_buffer[:stop - start])
             if masks is not None:
                 fc2_in.masked_fill_(masks[start:stop], 0.)
             gate = None if gates is None else gates[start:stop].unsqueeze(1)
