@@ -300,6 +300,12 @@ class WindowLayout:
         return self.key_mask.repeat(batch_size, 1, 1, 1)
 
 
+def _autocast_enabled(device: torch.device) -> bool:
+    if device.type == 'meta':  # shape-only runs (MAC counting): autocast has no meta backend to ask
+        return False
+    return torch.is_autocast_enabled(device.type)
+
+
 def _add_linear(x: torch.Tensor, inputs: torch.Tensor, linear: nn.Linear, layer_scale: nn.Module,
                 inplace: bool) -> torch.Tensor:
     """``x + layer_scale(linear(inputs))`` without autograd, in ``x``'s memory when ``inplace``: one GEMM that
@@ -395,7 +401,7 @@ class GlobalContextVitBlock(nn.Module):
             owns_input: Inference may write the residual stream into ``x`` (the stage's own tensor, no one else's).
         """
         # (under autocast the branches come out in half precision and the fp32 residual cannot take them in place)
-        if not self.training and not torch.is_grad_enabled() and not torch.is_autocast_enabled(x.device.type):
+        if not self.training and not torch.is_grad_enabled() and not _autocast_enabled(x.device):
             return self._forward_inference(x, q_global, layout, key_mask, owns_input)
         b, length, c = x.shape
         windows = self.norm1(x).view(b * layout.num_windows, layout.tokens_per_window, c)
