@@ -39,6 +39,7 @@ from timm.models._features import feature_take_indices
 
 from gcvimoe.errors import GcvimoeError
 from gcvimoe.models.placement import MoEPlacement, resolve_moe_blocks
+from gcvimoe.moe.experts import activation_into
 
 __all__ = ['GlobalContextVit', 'checkpoint_filter_fn', 'VARIANTS']
 
@@ -427,10 +428,7 @@ class GlobalContextVitBlock(nn.Module):
         mlp = self.mlp
         if isinstance(mlp, Mlp) and layout.valid_index is None and isinstance(mlp.norm, nn.Identity):
             hidden = mlp.fc1(self.norm2(x))
-            if type(mlp.act) is nn.GELU:
-                hidden = torch.ops.aten.gelu_(hidden, approximate=mlp.act.approximate)
-            else:
-                hidden = mlp.act(hidden)
+            hidden = activation_into(mlp.act, hidden, out=hidden)
             return _add_linear(x, hidden, mlp.fc2, self.ls2, inplace=True)
         return x.add_(self.ls2(self._mlp(self.norm2(x), layout.valid_index)))
 

@@ -83,7 +83,7 @@ def _activation_backward(act: nn.Module, pre_act: Tensor, grad: Tensor) -> Tenso
         return torch.autograd.grad(act(pre_act), pre_act, grad)[0]
 
 
-def _activation(act: nn.Module, pre_act: Tensor, out: Tensor) -> Tensor:
+def activation_into(act: nn.Module, pre_act: Tensor, out: Tensor) -> Tensor:
     """``act(pre_act)``, for GELU written into the scratch tensor ``out`` (which may be ``pre_act`` itself): a fresh
     tensor per chunk costs an allocation and a second chunk-sized area of cache."""
     if type(act) is not nn.GELU:
@@ -99,7 +99,8 @@ def _expert_mlp_forward(x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, gates, to
     out = x.new_zeros(x.shape[0], fc2_weight.shape[-1])
     # chunk-sized scratch buffers, reused so that every chunk's temporaries stay in cache and cost no page faults
     rows_buffer = x.new_empty(CHUNK_ROWS, x.shape[1])
-    # without a saved fc1 output (inference) the activation overwrites the fc1 scratch buffer
+    # inference: the fc1 output, which the activation then overwrites; training (fc1 output saved in ``hidden``):
+    # the activation's output
     hidden_buffer = x.new_empty(CHUNK_ROWS, fc1_weight.shape[-1])
     out_buffer = x.new_empty(CHUNK_ROWS, fc2_weight.shape[-1])
     for expert, start, stop, _ in chunks:
@@ -107,7 +108,7 @@ def _expert_mlp_forward(x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, gates, to
         rows = torch.index_select(x, 0, index, out=rows_buffer[:stop - start])
         pre_act = hidden_buffer[:stop - start] if hidden is None else hidden[start:stop]
         _linear(rows, fc1_weight[expert], None if fc1_bias is None else fc1_bias[expert], out=pre_act)
-        act_out = _activation(act, pre_act, out=hidden_buffer[:stop - start])
+        act_out = activation_into(act, pre_act, out=hidden_buffer[:stop - start])
         if hidden_keep < 1:  # inverted dropout: the 1 / keep scale rides on the fc2 GEMM
             dropped = _drop_mask(*act_out.shape, hidden_keep, x.device, out=None if masks is None else masks[start:stop])
             act_out.masked_fill_(dropped, 0.)
@@ -159,7 +160,7 @@ class _ExpertMLP(torch.autograd.Function):
             grad_y = grad_out.index_select(0, index)  # [c, d_out], unscaled by the gate
             pre_act = hidden[start:stop]
             # fc2's input is fc2_in / keep: act(pre_act) (recomputed, cheaper than saving it) with the dropped zeroed
-            fc2_in = _activation(ctx.act, pre_act, out=act_buffer[:stop - start])
+            fc2_in = activation_into(ctx.act, pre_act, out=act_buffer[:stop - start])
             if masks is not None:
                 fc2_in.masked_fill_(masks[start:stop], 0.)
             gate = None if gates is None else gates[start:stop].unsqueeze(1)
