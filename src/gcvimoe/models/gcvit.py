@@ -10,7 +10,9 @@ strictly. The implementation differs where it pays:
 - The residual stream of a stage is kept in window order ``[b, windows * n, c]``: GC ViT has no shifted windows, so
   LayerNorm, MLP and MoE (all per token) run in that order and the stage partitions and restores windows once,
   not twice per block.
-- Attention runs through ``F.scaled_dot_product_attention`` with the relative position bias as the additive mask.
+- Attention runs through ``F.scaled_dot_product_attention`` with the relative position bias as the additive mask;
+  CPU training uses one hand-differentiated node instead (:mod:`gcvimoe.models.attention`), which beats both SDPA's
+  CPU backward and autograd over the plain ops.
 - Without autograd (inference) a block adds each branch into the residual stream in place, as the beta = 1 term
   of the branch's output GEMM (layer scale folded into the weight), and runs GELU in place: fewer passes over
   memory, the same numbers.
@@ -38,6 +40,7 @@ from timm.models import build_model_with_cfg, generate_default_cfgs, register_mo
 from timm.models._features import feature_take_indices
 
 from gcvimoe.errors import GcvimoeError
+from gcvimoe.models.attention import biased_attention
 from gcvimoe.models.placement import MoEPlacement, resolve_moe_blocks
 from gcvimoe.moe.experts import activation_into
 
@@ -171,6 +174,12 @@ class RelativePositionBias(nn.Module):
         return bias
 
 
+def _autocast_enabled(device: torch.device) -> bool:
+    if device.type == 'meta':  # shape-only runs (MAC counting): autocast has no meta backend to ask
+        return False
+    return torch.is_autocast_enabled(device.type)
+
+
 class WindowAttentionGlobal(nn.Module):
     """Multi-head attention within windows; with ``use_global`` the queries come from the stage's global tokens."""
 
@@ -233,8 +242,12 @@ class WindowAttentionGlobal(nn.Module):
             bias = bias + key_mask.to(q.dtype)
         if torch.is_grad_enabled() and x.device.type == 'cpu':
             # the CPU flash kernel's backward is slower than plain batched matmuls for these small windows
-            attn = ((q * self.head_dim ** -0.5) @ k.transpose(-2, -1) + bias).softmax(-1)
-            x = F.dropout(attn, self.attn_drop, self.training) @ v
+            if (self.attn_drop == 0 or not self.training) and not _autocast_enabled(x.device) \
+                    and not torch.compiler.is_compiling():
+                x = biased_attention(q, k, v, bias, self.head_dim ** -0.5)
+            else:  # the plain ops: attention dropout, autocast's per-op dtypes, and graphs for inductor to fuse
+                attn = ((q * self.head_dim ** -0.5) @ k.transpose(-2, -1) + bias).softmax(-1)
+                x = F.dropout(attn, self.attn_drop, self.training) @ v
         else:
             x = F.scaled_dot_product_attention(
                 q, k, v, attn_mask=bias, dropout_p=self.attn_drop if self.training else 0.,
@@ -299,12 +312,6 @@ class WindowLayout:
         if self.key_mask is None:
             return None
         return self.key_mask.repeat(batch_size, 1, 1, 1)
-
-
-def _autocast_enabled(device: torch.device) -> bool:
-    if device.type == 'meta':  # shape-only runs (MAC counting): autocast has no meta backend to ask
-        return False
-    return torch.is_autocast_enabled(device.type)
 
 
 def _add_linear(x: torch.Tensor, inputs: torch.Tensor, linear: nn.Linear, layer_scale: nn.Module,
