@@ -95,7 +95,8 @@ def activation_into(act: nn.Module, pre_act: Tensor, out: Tensor) -> Tensor:
 
 def _expert_mlp_forward(x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, gates, token_index, chunks, act, hidden_keep,
                         hidden=None, masks=None):
-    """Forward of :class:`_ExpertMLP`; fills ``hidden`` (fc1 outputs) and ``masks`` (dropout) when given."""
+    """Forward of :class:`_ExpertMLP`; fills ``hidden`` (fc1 outputs) and ``masks`` (dropout), one tensor per chunk,
+    when given."""
     out = x.new_zeros(x.shape[0], fc2_weight.shape[-1])
     # chunk-sized scratch buffers, reused so that every chunk's temporaries stay in cache and cost no page faults
     rows_buffer = x.new_empty(CHUNK_ROWS, x.shape[1])
@@ -103,14 +104,14 @@ def _expert_mlp_forward(x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, gates, to
     # the activation's output
     hidden_buffer = x.new_empty(CHUNK_ROWS, fc1_weight.shape[-1])
     out_buffer = x.new_empty(CHUNK_ROWS, fc2_weight.shape[-1])
-    for expert, start, stop, _ in chunks:
+    for chunk, (expert, start, stop, _) in enumerate(chunks):
         index = token_index[start:stop]
         rows = torch.index_select(x, 0, index, out=rows_buffer[:stop - start])
-        pre_act = hidden_buffer[:stop - start] if hidden is None else hidden[start:stop]
+        pre_act = hidden_buffer[:stop - start] if hidden is None else hidden[chunk]
         _linear(rows, fc1_weight[expert], None if fc1_bias is None else fc1_bias[expert], out=pre_act)
         act_out = activation_into(act, pre_act, out=hidden_buffer[:stop - start])
         if hidden_keep < 1:  # inverted dropout: the 1 / keep scale rides on the fc2 GEMM
-            dropped = _drop_mask(*act_out.shape, hidden_keep, x.device, out=None if masks is None else masks[start:stop])
+            dropped = _drop_mask(*act_out.shape, hidden_keep, x.device, out=None if masks is None else masks[chunk])
             act_out.masked_fill_(dropped, 0.)
         y = _linear(act_out, fc2_weight[expert], None if fc2_bias is None else fc2_bias[expert],
                     out=out_buffer[:stop - start], scale=1. / hidden_keep)
@@ -129,18 +130,21 @@ class _ExpertMLP(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, gates, token_index, chunks, act, hidden_keep):
-        hidden = x.new_empty(token_index.shape[0], fc1_weight.shape[-1])
-        masks = torch.empty(hidden.shape, dtype=torch.bool, device=x.device) if hidden_keep < 1 else None
+        # one tensor per chunk rather than one [n, h] tensor: a tensor over glibc's largest mmap threshold (32 MiB,
+        # n > 10922 rows at h = 768) is mapped afresh on every step, and its first touch page-faults every 4 KiB
+        hidden = [x.new_empty(stop - start, fc1_weight.shape[-1]) for _, start, stop, _ in chunks]
+        masks = [torch.empty(h.shape, dtype=torch.bool, device=x.device) for h in hidden] if hidden_keep < 1 else []
         out = _expert_mlp_forward(x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, gates, token_index, chunks, act,
-                                  hidden_keep, hidden=hidden, masks=masks)
-        ctx.save_for_backward(x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, gates, token_index, hidden, masks)
+                                  hidden_keep, hidden=hidden, masks=masks or None)
+        ctx.save_for_backward(x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, gates, token_index, *hidden, *masks)
         ctx.chunks, ctx.act, ctx.hidden_keep = chunks, act, hidden_keep
         return out
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_out):
-        x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, gates, token_index, hidden, masks = ctx.saved_tensors
+        x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, gates, token_index, *per_chunk = ctx.saved_tensors
+        hidden, masks = per_chunk[:len(ctx.chunks)], per_chunk[len(ctx.chunks):] or None
         need_x, need_w1, need_b1, need_w2, need_b2, need_gates = ctx.needs_input_grad[:6]
         need_pre_act = need_x or need_w1 or need_b1
         grad_x = torch.zeros_like(x) if need_x else None
@@ -154,15 +158,15 @@ class _ExpertMLP(torch.autograd.Function):
             if grad is not None and idle.any():
                 grad[idle.to(grad.device)] = 0
         grad_gates = torch.empty_like(gates) if need_gates else None
-        act_buffer = hidden.new_empty(min(CHUNK_ROWS, hidden.shape[0]), hidden.shape[1])
-        for expert, start, stop, first in ctx.chunks:
+        act_buffer = x.new_empty(max((h.shape[0] for h in hidden), default=0), fc1_weight.shape[-1])
+        for chunk, (expert, start, stop, first) in enumerate(ctx.chunks):
             index = token_index[start:stop]
             grad_y = grad_out.index_select(0, index)  # [c, d_out], unscaled by the gate
-            pre_act = hidden[start:stop]
+            pre_act = hidden[chunk]
             # fc2's input is fc2_in / keep: act(pre_act) (recomputed, cheaper than saving it) with the dropped zeroed
             fc2_in = activation_into(ctx.act, pre_act, out=act_buffer[:stop - start])
             if masks is not None:
-                fc2_in.masked_fill_(masks[start:stop], 0.)
+                fc2_in.masked_fill_(masks[chunk], 0.)
             gate = None if gates is None else gates[start:stop].unsqueeze(1)
             grad_y_gated = grad_y if gate is None else grad_y * gate
             if need_w2:
@@ -181,7 +185,7 @@ class _ExpertMLP(torch.autograd.Function):
             if not need_pre_act:
                 continue
             if masks is not None:
-                grad_fc2_in.masked_fill_(masks[start:stop], 0.)
+                grad_fc2_in.masked_fill_(masks[chunk], 0.)
             scale = 1. / ctx.hidden_keep if gate is None else gate / ctx.hidden_keep
             if gate is not None or ctx.hidden_keep < 1:
                 grad_fc2_in.mul_(scale)
