@@ -455,9 +455,11 @@ def test_helpers_collect_every_layer():
 @pytest.mark.parametrize("keep", [0.9, 0.5, 0.25])
 def test_expert_dropout_mask_rate(keep):
     """The 16-bit dropout masks drop a share 1 - keep of the elements, independently of position."""
-    from gcvimoe.moe.experts import _drop_mask
-    dropped = _drop_mask(1000, 1001, keep, torch.device('cpu'))  # odd element count: the last 64-bit word is partial
-    assert dropped.shape == (1000, 1001) and dropped.dtype == torch.bool
+    from gcvimoe.moe.experts import _keep_mask
+    kept = _keep_mask(1000, 1001, keep, torch.device('cpu'))  # odd element count: the last 64-bit word is partial
+    assert kept.shape == (1000, 1001) and kept.dtype == torch.uint8
+    assert set(kept.unique().tolist()) == {0, 1}
+    dropped = kept == 0
     assert abs(dropped.float().mean().item() - (1 - keep)) < 3e-3
     # no pattern along the four 16-bit lanes of a 64-bit word
     lanes = dropped.view(-1)[:1000 * 1000].view(-1, 4).float().mean(0)

@@ -61,17 +61,20 @@ def _accumulate_sum(out: Tensor, rows: Tensor, first: bool) -> None:
         out += rows.sum(dim=0)
 
 
-def _drop_mask(rows: int, cols: int, keep: float, device: torch.device, out: Optional[Tensor] = None) -> Tensor:
-    """A dropout mask ``[rows, cols]``, True where an element is dropped (probability ``1 - keep``).
+def _keep_mask(rows: int, cols: int, keep: float, device: torch.device, out: Optional[Tensor] = None) -> Tensor:
+    """A dropout mask ``[rows, cols]`` of uint8, 1 where an element is kept (probability ``keep``), 0 where dropped.
 
     Made from 16 random bits per element: on the CPU ``bernoulli_`` draws one random number per element and was
     measured at 9.7 ms for 1568 x 768, four elements per 64-bit draw at 2.1 ms. ``keep`` is rounded to a multiple of
-    2^-16 (0.9 becomes 0.900009).
+    2^-16 (0.9 becomes 0.900009). uint8 rather than bool: multiplying by it is about 4x faster than
+    ``masked_fill_`` with a bool mask on the CPU, and the comparison writes it 5x faster than a bool.
     """
     count = rows * cols
     words = torch.randint(-2 ** 63, 2 ** 63 - 1, ((count + 3) // 4,), dtype=torch.int64, device=device)
     threshold = round(keep * 65536) - 32768  # a share ``keep`` of the int16 values lies below it
-    return torch.ge(words.view(torch.int16)[:count].view(rows, cols), threshold, out=out)
+    if out is None:
+        out = torch.empty(rows, cols, dtype=torch.uint8, device=device)
+    return torch.lt(words.view(torch.int16)[:count].view(rows, cols), threshold, out=out)
 
 
 def _activation_backward(act: nn.Module, pre_act: Tensor, grad: Tensor) -> Tensor:
@@ -111,8 +114,7 @@ def _expert_mlp_forward(x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, gates, to
         _linear(rows, fc1_weight[expert], None if fc1_bias is None else fc1_bias[expert], out=pre_act)
         act_out = activation_into(act, pre_act, out=hidden_buffer[:stop - start])
         if hidden_keep < 1:  # inverted dropout: the 1 / keep scale rides on the fc2 GEMM
-            dropped = _drop_mask(*act_out.shape, hidden_keep, x.device, out=None if masks is None else masks[chunk])
-            act_out.masked_fill_(dropped, 0.)
+            act_out.mul_(_keep_mask(*act_out.shape, hidden_keep, x.device, out=None if masks is None else masks[chunk]))
         y = _linear(act_out, fc2_weight[expert], None if fc2_bias is None else fc2_bias[expert],
                     out=out_buffer[:stop - start], scale=1. / hidden_keep)
         if gates is not None:
@@ -124,7 +126,7 @@ def _expert_mlp_forward(x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, gates, to
 class _ExpertMLP(torch.autograd.Function):
     """``out[t] = sum over rows r of token t: gate_r * fc2_e(drop(act(fc1_e(x[t]))))``, chunk by chunk.
 
-    Saved for backward: the input (not a gathered copy), the weights, the fc1 outputs and the dropout masks (True = dropped). The
+    Saved for backward: the input (not a gathered copy), the weights, the fc1 outputs and the dropout keep-masks. The
     gate's gradient comes from the fc2 input-gradient GEMM, so no output is saved either.
     """
 
@@ -133,7 +135,7 @@ class _ExpertMLP(torch.autograd.Function):
         # one tensor per chunk rather than one [n, h] tensor: a tensor over glibc's largest mmap threshold (32 MiB,
         # n > 10922 rows at h = 768) is mapped afresh on every step, and its first touch page-faults every 4 KiB
         hidden = [x.new_empty(stop - start, fc1_weight.shape[-1]) for _, start, stop, _ in chunks]
-        masks = [torch.empty(h.shape, dtype=torch.bool, device=x.device) for h in hidden] if hidden_keep < 1 else []
+        masks = [torch.empty(h.shape, dtype=torch.uint8, device=x.device) for h in hidden] if hidden_keep < 1 else []
         out = _expert_mlp_forward(x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, gates, token_index, chunks, act,
                                   hidden_keep, hidden=hidden, masks=masks or None)
         ctx.save_for_backward(x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, gates, token_index, *hidden, *masks)
@@ -166,7 +168,7 @@ class _ExpertMLP(torch.autograd.Function):
             # fc2's input is fc2_in / keep: act(pre_act) (recomputed, cheaper than saving it) with the dropped zeroed
             fc2_in = activation_into(ctx.act, pre_act, out=act_buffer[:stop - start])
             if masks is not None:
-                fc2_in.masked_fill_(masks[chunk], 0.)
+                fc2_in.mul_(masks[chunk])
             gate = None if gates is None else gates[start:stop].unsqueeze(1)
             grad_y_gated = grad_y if gate is None else grad_y * gate
             if need_w2:
@@ -185,7 +187,7 @@ class _ExpertMLP(torch.autograd.Function):
             if not need_pre_act:
                 continue
             if masks is not None:
-                grad_fc2_in.masked_fill_(masks[chunk], 0.)
+                grad_fc2_in.mul_(masks[chunk])
             scale = 1. / ctx.hidden_keep if gate is None else gate / ctx.hidden_keep
             if gate is not None or ctx.hidden_keep < 1:
                 grad_fc2_in.mul_(scale)
