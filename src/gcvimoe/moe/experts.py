@@ -42,8 +42,11 @@ def _linear(rows: Tensor, weight: Tensor, bias: Optional[Tensor], out: Optional[
     """``scale * rows @ weight + bias``, written into ``out`` when given."""
     if bias is not None:
         return torch.addmm(bias, rows, weight, alpha=scale, out=out)
-    out = torch.mm(rows, weight, out=out)
-    return out if scale == 1 else out.mul_(scale)
+    if scale == 1:
+        return torch.mm(rows, weight, out=out)
+    if out is None:
+        out = rows.new_empty(rows.shape[0], weight.shape[1])
+    return out.addmm_(rows, weight, beta=0, alpha=scale)  # beta = 0 ignores out's old content, NaN included
 
 
 def _accumulate_mm(out: Tensor, a: Tensor, b: Tensor, first: bool, scale: float = 1.) -> None:
