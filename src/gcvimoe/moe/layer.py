@@ -19,7 +19,9 @@ from gcvimoe.errors import GcvimoeError
 from gcvimoe.moe.dispatch import expert_capacity, plan_dispatch
 from gcvimoe.moe.experts import Experts
 from gcvimoe.moe.losses import gshard_balance_loss, importance_loss, load_loss, z_loss
-from gcvimoe.moe.router import CosineRouter, LinearRouter, Routing, expert_choice_routing, top_k_routing
+from gcvimoe.moe.router import (
+    CosineRouter, LinearRouter, Routing, expert_choice_routing, expert_probs, top_k_routing,
+)
 from gcvimoe.moe.stats import MoEReport, RoutingStats, routing_stats
 
 ROUTERS = ('linear', 'cosine', 'expert_choice')
@@ -195,7 +197,7 @@ class MoE(nn.Module):
         if self.balance_loss == 'gshard':
             losses['balance'] = gshard_balance_loss(routing.probs, routing.top1_expert)
         elif self.balance_loss == 'importance_load':
-            clean_probs = routing.probs if routing.noisy_logits is None else torch.softmax(routing.logits, dim=-1)
+            clean_probs = routing.probs if routing.noisy_logits is None else expert_probs(routing.logits)
             losses['importance'] = importance_loss(clean_probs)
             if routing.noisy_logits is not None:
                 losses['load'] = load_loss(routing.logits, routing.noisy_logits, routing.noise_std, self.top_k)
