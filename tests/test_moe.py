@@ -464,3 +464,30 @@ def test_expert_dropout_mask_rate(keep):
     # no pattern along the four 16-bit lanes of a 64-bit word
     lanes = dropped.view(-1)[:1000 * 1000].view(-1, 4).float().mean(0)
     torch.testing.assert_close(lanes, torch.full((4,), 1 - keep), atol=5e-3, rtol=0)
+
+
+def test_outcome_without_autograd_is_computed_on_read(monkeypatch):
+    """Without autograd the losses and statistics wait until read, and then equal those of a pass with autograd."""
+    from gcvimoe.moe import layer as layer_module
+    from gcvimoe.moe.stats import routing_stats
+    torch.manual_seed(0)
+    layer = MoE(8, 16, num_experts=4, top_k=2, z_loss_weight=0.1).eval()
+    x = torch.randn(20, 8)
+    layer(x)
+    eager_aux, eager_losses, eager_stats = layer.aux_loss.detach(), dict(layer.losses), layer.stats
+
+    calls = []
+    monkeypatch.setattr(layer_module, 'routing_stats', lambda *args: calls.append(1) or routing_stats(*args))
+    with torch.no_grad():
+        layer(torch.randn(5, 8))  # read after the next pass: its outcome must be that pass's, not this one's
+        layer(x)
+    assert calls == []
+    copy.deepcopy(layer)  # EMA copies a model between passes
+    torch.testing.assert_close(layer.aux_loss, eager_aux)
+    assert calls == [1]
+    assert layer.losses.keys() == eager_losses.keys()
+    for name, value in eager_losses.items():
+        torch.testing.assert_close(layer.losses[name], value)
+    for field in ('tokens_per_expert', 'kept_tokens_per_expert', 'router_entropy', 'top1_expert'):
+        torch.testing.assert_close(getattr(layer.stats, field), getattr(eager_stats, field))
+    assert calls == [1]

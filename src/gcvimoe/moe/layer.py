@@ -16,7 +16,7 @@ from timm.layers import Mlp
 from torch import Tensor, nn
 
 from gcvimoe.errors import GcvimoeError
-from gcvimoe.moe.dispatch import expert_capacity, plan_dispatch
+from gcvimoe.moe.dispatch import DispatchPlan, expert_capacity, plan_dispatch
 from gcvimoe.moe.experts import Experts
 from gcvimoe.moe.losses import gshard_balance_loss, importance_loss, load_loss, z_loss
 from gcvimoe.moe.router import (
@@ -66,7 +66,8 @@ class MoE(nn.Module):
         shared_expert: Add a dense ``Mlp`` beside the experts, mixed per token by a learned softmax coefficient
             (DeepSpeed's residual MoE).
 
-    Attributes set by every forward pass:
+    Read after a forward pass (a pass without autograd computes them when first read, so inference that never
+    reads them does not pay for them):
         aux_loss: Weighted sum of the router losses, a differentiable 0-dim tensor (0 when no loss applies).
         losses: Unweighted losses for logging, detached: ``'balance'`` or ``'importance'`` and ``'load'``, and ``'z'``.
         stats: :class:`RoutingStats` of the pass.
@@ -143,15 +144,35 @@ class MoE(nn.Module):
         else:
             self.shared_expert = self.shared_expert_gate = None
 
-        self.aux_loss: Optional[Tensor] = None
-        self.losses: Dict[str, Tensor] = {}
-        self.stats: Optional[RoutingStats] = None
+        self._aux_loss: Optional[Tensor] = None
+        self._losses: Dict[str, Tensor] = {}
+        self._stats: Optional[RoutingStats] = None
+        # without autograd, the last forward's routing: its losses and statistics are computed when first read
+        self._pending: Optional[Tuple[Routing, DispatchPlan, torch.Size]] = None
 
     def __getstate__(self):
         # the last forward's losses hold its autograd graph, which neither deepcopy (EMA) nor pickle can take
         state = super().__getstate__()
-        state.update(aux_loss=None, losses={}, stats=None)
+        state.update(_aux_loss=None, _losses={}, _stats=None, _pending=None)
         return state
+
+    @property
+    def aux_loss(self) -> Optional[Tensor]:
+        """Weighted sum of the last forward's router losses (0-dim; differentiable when it ran with autograd)."""
+        self._resolve_pending()
+        return self._aux_loss
+
+    @property
+    def losses(self) -> Dict[str, Tensor]:
+        """The last forward's unweighted router losses, detached, for logging."""
+        self._resolve_pending()
+        return self._losses
+
+    @property
+    def stats(self) -> Optional[RoutingStats]:
+        """The last forward's routing statistics."""
+        self._resolve_pending()
+        return self._stats
 
     def extra_repr(self) -> str:
         capacity = f"capacity_factor={self.capacity_factor}, eval_capacity_factor={self.eval_capacity_factor}"
@@ -186,11 +207,24 @@ class MoE(nn.Module):
             mix = torch.softmax(self.shared_expert_gate(tokens), dim=-1)
             out = out * mix[:, :1] + self.shared_expert(tokens) * mix[:, 1:]
 
-        losses = self._router_losses(routing) if num_tokens else {}  # means over no tokens would be NaN
-        self.aux_loss = self._weighted_loss(losses, logits)
-        self.losses = {name: loss.detach() for name, loss in losses.items()}
-        self.stats = routing_stats(routing, plan, input_shape)
+        if torch.is_grad_enabled():
+            self._pending = None
+            self._record_outcome(routing, plan, input_shape)
+        else:  # nothing needs the losses for a backward: inference pays for them only when someone reads them
+            self._pending = (routing, plan, input_shape)
         return out.reshape(*input_shape, self.out_features)
+
+    def _record_outcome(self, routing: Routing, plan: DispatchPlan, input_shape: torch.Size) -> None:
+        losses = self._router_losses(routing) if input_shape.numel() else {}  # means over no tokens would be NaN
+        self._aux_loss = self._weighted_loss(losses, routing.logits)
+        self._losses = {name: loss.detach() for name, loss in losses.items()}
+        self._stats = routing_stats(routing, plan, input_shape)
+
+    def _resolve_pending(self) -> None:
+        if self._pending is not None:
+            pending, self._pending = self._pending, None
+            with torch.no_grad():
+                self._record_outcome(*pending)
 
     def _router_losses(self, routing: Routing) -> Dict[str, Tensor]:
         losses = {}
