@@ -6,8 +6,8 @@ in backward. Here the scale rides on the score GEMM (``alpha``), the bias is add
 overwrite their input, and only the probabilities are saved. At GC ViT-T's stage 3 (``n = 196``) a forward and
 backward take 0.80x the time of the plain ops on a 2-core CPU; at ``n = 49``, about 0.9x. Most of that is memory
 not allocated, hence not page-faulted in again after glibc trims its heap (0.93x at stage 3 when it never trims).
-Gradients equal the plain ops' to rounding. The CPU flash kernel of ``F.scaled_dot_product_attention`` is slower still in backward at these
-sizes, so inference keeps SDPA and training uses this.
+Gradients equal the plain ops' to rounding. The CPU flash kernel of ``F.scaled_dot_product_attention`` is slower
+still in backward at these sizes, so inference keeps SDPA and training uses this.
 """
 import torch
 from torch import Tensor
