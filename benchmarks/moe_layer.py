@@ -143,7 +143,8 @@ def main() -> None:
         r = run_case(case, args.rounds, args.device, args.token_scale)
         capacity = 'dropless' if case.capacity_factor == 0 else case.capacity_factor
         print(f"| {case.name} | {case.num_experts} | {case.top_k} | {capacity} | {case.dim}, {case.hidden}, "
-              f"{case.tokens * args.token_scale} | {r['train_ratio']:.2f} / {r['train_best_ratio']:.2f} | {r['train_dropped']:.3f} "
+              f"{case.tokens * args.token_scale} | {r['train_ratio']:.2f} / {r['train_best_ratio']:.2f} "
+              f"| {r['train_dropped']:.3f} "
               f"| {r['infer_ratio']:.2f} / {r['infer_best_ratio']:.2f} "
               f"| {r['infer_dropped']:.3f} | {r['train_memory_ratio']:.2f} | {r['infer_memory_ratio']:.2f} "
               f"| {r['train_dense_ms']:.3g} / {r['infer_dense_ms']:.3g} |", flush=True)

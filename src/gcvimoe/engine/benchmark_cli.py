@@ -90,5 +90,6 @@ def run(args: argparse.Namespace) -> int:
     else:
         print(f"{args.model} {result['mode']} on {device} ({args.amp}, batch {args.batch_size}, {height}x{width}"
               f"{', compiled' if args.compile else ''}): {result['images_per_s']:.1f} img/s, "
-              f"{result['step_ms']:.1f} ms/step (median of {args.steps}), peak memory {result['peak_memory_mib']:.0f} MiB")
+              f"{result['step_ms']:.1f} ms/step (median of {args.steps}), "
+              f"peak memory {result['peak_memory_mib']:.0f} MiB")
     return 0

@@ -135,7 +135,8 @@ class RelativePositionBias(nn.Module):
         self.window_size = tuple(window_size)
         self.num_heads = num_heads
         num_offsets = (2 * self.window_size[0] - 1) * (2 * self.window_size[1] - 1)
-        self.relative_position_bias_table = nn.Parameter(torch.empty(num_offsets, num_heads, device=device, dtype=dtype))
+        self.relative_position_bias_table = nn.Parameter(
+            torch.empty(num_offsets, num_heads, device=device, dtype=dtype))
         self._index_cache: Dict[Tuple[int, int], torch.Tensor] = {}
         self._bias_cache: Optional[tuple] = None
         trunc_normal_(self.relative_position_bias_table, std=.02)
