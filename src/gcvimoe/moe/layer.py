@@ -204,7 +204,7 @@ class MoE(nn.Module):
         plan = plan_dispatch(routing, self.num_experts, capacity, batch_priority=self.batch_priority)
         out = self.experts(tokens, plan.tokens_per_expert, plan.token_index, gates=plan.gates)
         if self.shared_expert is not None:
-            mix = torch.softmax(self.shared_expert_gate(tokens), dim=-1)
+            mix = expert_probs(self.shared_expert_gate(tokens))  # [t, 2]: the routed experts' share, the shared one's
             out = out * mix[:, :1] + self.shared_expert(tokens) * mix[:, 1:]
 
         if torch.is_grad_enabled():
