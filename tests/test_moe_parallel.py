@@ -8,7 +8,8 @@ import torch.multiprocessing as mp
 
 from gcvimoe.moe import MoE
 from gcvimoe.moe.parallel import (
-    ExpertParallelExperts, gather_expert_state_dict, shard_expert_state_dict, shard_experts_,
+    ExpertParallelExperts, gather_expert_optimizer_state, gather_expert_state_dict, is_expert_parallel,
+    shard_expert_optimizer_state, shard_expert_state_dict, shard_experts_,
 )
 
 WORLD_SIZE = 2
@@ -63,6 +64,31 @@ def _check_case(rank, options):
     fresh = shard_experts_(MoE(8, 16, **options))
     fresh.load_state_dict(shard_expert_state_dict(full, rank, WORLD_SIZE))
     torch.testing.assert_close(fresh(inputs[rank]), reference_outputs[rank])
+    assert is_expert_parallel(fresh) and not is_expert_parallel(reference)
+    _check_optimizer_state(parallel, reference, rank)
+
+
+def _check_optimizer_state(parallel, reference, rank):
+    """Adam's moments of the sharded experts gather into the single-process optimiser's, and shard back."""
+    # the reference's expert gradients sum both batches; the shards' sum the same tokens, so one step agrees
+    optimizers = [torch.optim.Adam(model.parameters(), lr=0.1) for model in (parallel, reference)]
+    for optimizer in optimizers:
+        optimizer.step()
+    full = gather_expert_optimizer_state(optimizers[0])
+    expected = optimizers[1].state_dict()
+    param_names = [name for name, _ in reference.named_parameters()]
+    for index, name in enumerate(param_names):
+        for moment in ('exp_avg', 'exp_avg_sq'):
+            if name.startswith('experts.'):
+                torch.testing.assert_close(full['state'][index][moment], expected['state'][index][moment])
+    assert optimizers[0].state_dict()['state'][param_names.index('experts.fc1_weight')]['exp_avg'].shape[0] == \
+        parallel.experts.num_experts  # gathering left the live state alone
+    local = shard_expert_optimizer_state(expected, optimizers[0], rank, WORLD_SIZE)
+    own = optimizers[0].state_dict()
+    for index, name in enumerate(param_names):
+        if name.startswith('experts.'):
+            for moment in ('exp_avg', 'exp_avg_sq'):
+                torch.testing.assert_close(local['state'][index][moment], own['state'][index][moment])
 
 
 def _worker(rank, init_file):

@@ -138,15 +138,20 @@ def test_predict_gives_class_names_and_probabilities(run_a, data_dir, capsys):
     assert sum(entry["probability"] for entry in result["top"]) == pytest.approx(1.0, abs=1e-5)
 
 
-def test_torchrun_two_processes_gloo(run_a, data_dir, tmp_path, capsys):
-    output = tmp_path / "ddp"
+def torchrun_train(args, output):
+    """``gcvimoe train`` in 2 gloo processes; returns what it printed."""
     env = dict(os.environ, OMP_NUM_THREADS="1")
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-               "-m", "gcvimoe", "train", *TINY, "--epochs", "1", "--data-dir", str(data_dir),
-               "--output", str(output), "--lr-batch-size", "4"]
+               "-m", "gcvimoe", "train", *args, "--output", str(output)]
     done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
-    assert "2 process(es) on cpu, global batch 8" in done.stdout
+    return done.stdout
+
+
+def test_torchrun_two_processes_gloo(run_a, data_dir, tmp_path, capsys):
+    output = tmp_path / "ddp"
+    stdout = torchrun_train([*TINY, "--epochs", "1", "--data-dir", str(data_dir), "--lr-batch-size", "4"], output)
+    assert "2 process(es) on cpu, global batch 8" in stdout
 
     rows = read_summary(output / "summary.csv")
     assert list(rows[0]) == list(read_summary(run_a / "summary.csv")[0])
@@ -162,3 +167,64 @@ def test_torchrun_two_processes_gloo(run_a, data_dir, tmp_path, capsys):
     result = json.loads(capsys.readouterr().out)
     assert result["num_images"] == 9
     assert result["top1"] == pytest.approx(float(rows[-1]["eval_top1"]), abs=1e-4)
+
+
+# Expert-parallel twins of a DDP run: without expert dropout, whose masks are drawn on the process that computes a
+# row, the two must train the same weights. SGD keeps rounding differences small, and the small clipping threshold
+# clips every step, so the clipping norm must be the whole job's.
+TWINS = [*TINY, "--expert-dropout", "0", "--opt", "sgd", "--lr", "0.5", "--clip-grad", "0.1"]
+
+
+def assert_same_training(run, reference):
+    checkpoint = torch.load(run / "last.pth", map_location="cpu", weights_only=True)
+    expected = torch.load(reference / "last.pth", map_location="cpu", weights_only=True)
+    assert checkpoint["step"] == expected["step"]
+    for key in ("state_dict", "ema_state_dict"):
+        assert checkpoint[key].keys() == expected[key].keys()
+        for name, value in expected[key].items():  # every expert, also from the sharded run
+            torch.testing.assert_close(checkpoint[key][name], value, rtol=1e-5, atol=1e-6, msg=f"{key} {name}")
+    for index, state in expected["optimizer"]["state"].items():
+        torch.testing.assert_close(checkpoint["optimizer"]["state"][index]["momentum_buffer"],
+                                   state["momentum_buffer"], rtol=1e-5, atol=1e-6)
+    rows, expected_rows = read_summary(run / "summary.csv"), read_summary(reference / "summary.csv")
+    for row, expected_row in zip(rows, expected_rows, strict=True):
+        for column in ("train_loss", "train_aux_loss", "eval_loss", "eval_top1", "ema_eval_loss"):
+            assert float(row[column]) == pytest.approx(float(expected_row[column]), rel=1e-5, abs=1e-6), column
+
+
+@pytest.fixture(scope="module")
+def ddp_twin(data_dir, tmp_path_factory):
+    output = tmp_path_factory.mktemp("ddp_twin")
+    torchrun_train([*TWINS, "--data-dir", str(data_dir), "--checkpoint-every", "1"], output)
+    return output
+
+
+def test_expert_parallel_trains_as_ddp(ddp_twin, data_dir, tmp_path, capsys):
+    output = tmp_path / "expert_parallel"
+    stdout = torchrun_train([*TWINS, "--data-dir", str(data_dir), "--expert-parallel"], output)
+    assert "every process holds 1/2 of each MoE layer's experts" in stdout
+    assert_same_training(output, ddp_twin)
+    # the val shares are 5 and 4 images (2 and 1 batches): the process with fewer batches joins the others'
+    # all-to-alls, and every image is counted once, as a single process on the saved checkpoint counts it
+    capsys.readouterr()
+    assert main(["validate", "--checkpoint", str(output / "last.pth"), "--json", "--workers", "0"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    last = read_summary(output / "summary.csv")[-1]
+    assert result["num_images"] == 9
+    assert result["loss"] == pytest.approx(float(last["eval_loss"]), rel=1e-5)
+
+
+def test_expert_parallel_resumes_a_checkpoint_with_every_expert(ddp_twin, tmp_path):
+    output = tmp_path / "resumed"
+    torchrun_train(["--resume", str(ddp_twin / "checkpoint-1.pth"), "--expert-parallel"], output)
+    assert_same_training(output, ddp_twin)
+
+
+def test_expert_parallel_needs_a_process_count_dividing_the_experts(data_dir, tmp_path):
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "3",
+               "-m", "gcvimoe", "train", *TINY, "--data-dir", str(data_dir), "--expert-parallel",
+               "--output", str(tmp_path / "run")]
+    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode != 0
+    assert "num_experts=4 must be divisible by the 3 expert-parallel processes" in done.stderr

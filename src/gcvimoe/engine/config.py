@@ -118,6 +118,8 @@ class TrainConfig:
                           choices=("bfloat16", "float16"))
     channels_last: bool = _key(False, "channels-last memory layout")
     compile: bool = _key(False, "torch.compile the model")
+    expert_parallel: bool = _key(False, "with several processes, shard every MoE layer's experts over them (expert "
+                                        "parallelism: num_experts / processes experts each, all-to-all)")
     threads: Optional[int] = _key(None, "CPU threads per process (null = torch's default, all cores)")
     seed: int = _key(42, "random seed (each process adds its rank)")
     # output

@@ -6,16 +6,29 @@ Launch lines::
     torchrun --nproc_per_node 4 -m gcvimoe train -c configs/gcvimoe_tiny.yaml  # one node, 4 processes
     torchrun --nnodes 2 --node_rank R --master_addr HOST --nproc_per_node 8 -m gcvimoe train ...  # two nodes
 
+    torchrun --nproc_per_node 4 -m gcvimoe train -c configs/gcvimoe_tiny.yaml --expert-parallel  # DDP + EP
+
 torchrun sets RANK, LOCAL_RANK and WORLD_SIZE; the backend is NCCL on GPUs and gloo on CPU.
+
+With expert parallelism every process keeps ``e / w`` experts of each MoE layer (:mod:`gcvimoe.moe.parallel`); DDP
+then reduces the other parameters only, the expert gradients are averaged here as DDP averages the rest, gradient
+clipping uses the norm over the whole job, and checkpoints gather every expert, so they load on any number of
+processes.
 """
 from dataclasses import dataclass
-from typing import Any, List
+from typing import Any, Dict, List, Optional
 
 import torch
 import torch.distributed as dist
 from timm.utils.distributed import init_distributed_device_so
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
+
+from gcvimoe.errors import GcvimoeError
+from gcvimoe.moe.parallel import (
+    gather_expert_optimizer_state, gather_expert_state_dict, is_expert_parallel, shard_expert_optimizer_state,
+    shard_expert_state_dict, shard_experts_,
+)
 
 
 @dataclass
@@ -53,16 +66,98 @@ def init_distributed(device: str = "auto") -> DistInfo:
     )
 
 
+def shard_experts(model: nn.Module, info: DistInfo) -> None:
+    """Expert parallelism: keep this process's share of every MoE layer's experts (all processes hold the same full
+    weights beforehand). Nothing changes for one process."""
+    if not info.distributed:
+        return
+    try:
+        shard_experts_(model)
+    except ValueError as e:
+        raise GcvimoeError(f"expert_parallel: {e}; launch a number of processes that divides the expert count, or "
+                           "train without --expert-parallel") from None
+
+
 def wrap_model(model: nn.Module, info: DistInfo) -> nn.Module:
     """Wrap ``model`` for data-parallel training.
 
-    Expert parameters (``p.is_expert``) are plain replicated parameters here, all-reduced like the rest: each process
-    holds every expert. This is the one place that would change for expert parallelism.
+    Replicated experts are all-reduced like every other parameter. Sharded experts (expert parallelism) are left out
+    of DDP: each process's experts are its own, and their gradients already hold every process's tokens.
     """
     if not info.distributed:
         return model
+    if is_expert_parallel(model):
+        DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(
+            model, [name for name, param in model.named_parameters() if getattr(param, "is_expert", False)])
     device_ids = [info.device.index] if info.device.type == "cuda" else None
     return DistributedDataParallel(model, device_ids=device_ids)
+
+
+def _expert_grads(model: nn.Module) -> List[torch.Tensor]:
+    return [p.grad for p in model.parameters() if p.grad is not None and getattr(p, "is_expert", False)]
+
+
+def average_expert_grads(model: nn.Module, info: DistInfo) -> None:
+    """Divide the sharded experts' gradients by the process count. Every process's loss is a mean over its own
+    batch, and an expert's gradient sums the gradients of every process's tokens, where DDP averages them."""
+    for grad in _expert_grads(model):
+        grad.div_(info.world_size)
+
+
+def clip_grad_norm_expert_parallel(model: nn.Module, max_norm: float, info: DistInfo) -> torch.Tensor:
+    """Clip all gradients by their norm over the whole job: the shared parameters' (equal on every process after the
+    DDP all-reduce) and every process's own experts'. A per-process norm would clip the shared parameters by
+    different factors on different processes, and their replicas would drift apart. Returns the total norm."""
+    expert = _expert_grads(model)
+    expert_ids = {id(grad) for grad in expert}
+    shared = [p.grad for p in model.parameters() if p.grad is not None and id(p.grad) not in expert_ids]
+    zero = torch.zeros((), device=info.device)
+    expert_sq = torch.nn.utils.get_total_norm(expert).float() ** 2 if expert else zero
+    shared_sq = torch.nn.utils.get_total_norm(shared).float() ** 2 if shared else zero
+    total = (shared_sq + all_reduce_sum(expert_sq, info)).sqrt()
+    torch.nn.utils.clip_grads_with_norm_(model.parameters(), max_norm, total)
+    return total
+
+
+def full_state(model: nn.Module, optimizer: torch.optim.Optimizer, ema_model: Optional[nn.Module],
+               info: DistInfo) -> Dict[str, Any]:
+    """``state_dict``, ``optimizer`` (and ``ema_state_dict``) as one process holding every expert would have them.
+
+    A collective under expert parallelism: every process must call it.
+    """
+    state = {"state_dict": model.state_dict(), "optimizer": optimizer.state_dict()}
+    if ema_model is not None:
+        state["ema_state_dict"] = ema_model.state_dict()
+    if info.distributed and is_expert_parallel(model):
+        state["state_dict"] = gather_expert_state_dict(state["state_dict"])
+        state["optimizer"] = gather_expert_optimizer_state(optimizer)
+        if ema_model is not None:
+            state["ema_state_dict"] = gather_expert_state_dict(state["ema_state_dict"])
+    return state
+
+
+def local_state_dict(state_dict: Dict[str, torch.Tensor], model: nn.Module, info: DistInfo) -> Dict[str, Any]:
+    """The part of a full state dict (every expert) that this process's ``model`` loads."""
+    if info.distributed and is_expert_parallel(model):
+        return shard_expert_state_dict(state_dict, info.rank, info.world_size)
+    return state_dict
+
+
+def local_optimizer_state(state_dict: Dict[str, Any], model: nn.Module, optimizer: torch.optim.Optimizer,
+                          info: DistInfo) -> Dict[str, Any]:
+    """The part of a full optimiser state dict (every expert) that this process's ``optimizer`` loads."""
+    if info.distributed and is_expert_parallel(model):
+        return shard_expert_optimizer_state(state_dict, optimizer, info.rank, info.world_size)
+    return state_dict
+
+
+def max_over_processes(value: int, info: DistInfo) -> int:
+    """The largest ``value`` of all processes."""
+    if not info.distributed:
+        return value
+    tensor = torch.tensor(value, device=info.device)
+    dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
+    return int(tensor)
 
 
 def all_reduce_sum(tensor: torch.Tensor, info: DistInfo) -> torch.Tensor:

@@ -6,9 +6,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from gcvimoe.engine.distributed import DistInfo, all_reduce_sum
+from gcvimoe.engine.distributed import DistInfo, all_reduce_sum, max_over_processes
 from gcvimoe.errors import GcvimoeError
 from gcvimoe.moe import MoEReport, collect_moe_report
+from gcvimoe.moe.parallel import is_expert_parallel
 
 
 def one_line(error: GcvimoeError) -> GcvimoeError:
@@ -68,6 +69,19 @@ class ExpertUsage:
         return out
 
 
+def _match_collective_passes(model, num_batches, most_batches, example, loader, info, autocast, channels_last):
+    """Under expert parallelism every forward pass is a collective, and the processes' shares of the val set may
+    differ by a batch: a process with fewer batches runs passes on one of its images, uncounted, until all match."""
+    missing = most_batches - num_batches
+    if missing and example is None:  # a process without a single val image
+        example = loader.dataset[0][0].unsqueeze(0).to(info.device)
+        if channels_last:
+            example = example.contiguous(memory_format=torch.channels_last)
+    for _ in range(missing):
+        with autocast():
+            model(example)
+
+
 @torch.no_grad()
 def evaluate(
         model: nn.Module,
@@ -92,6 +106,9 @@ def evaluate(
     class_counts = torch.zeros(num_classes, dtype=torch.float64, device=info.device)
     usage = ExpertUsage()
     batches = iterate(loader)
+    num_batches, example = 0, None
+    expert_parallel = info.distributed and is_expert_parallel(model)
+    most_batches = max_over_processes(len(loader), info) if expert_parallel else 0  # a collective: before the passes
     for images, targets in (progress(batches) if progress else batches):
         images = images.to(info.device, non_blocking=True)
         targets = targets.to(info.device, non_blocking=True)
@@ -99,6 +116,7 @@ def evaluate(
             images = images.contiguous(memory_format=torch.channels_last)
         with autocast():
             logits = model(images)
+        num_batches, example = num_batches + 1, images[:1]
         logits = logits.float()
         hits = logits.topk(k, dim=1).indices == targets[:, None]
         sums[0] += F.cross_entropy(logits, targets, reduction="sum")
@@ -108,6 +126,8 @@ def evaluate(
         class_counts += torch.bincount(targets, minlength=num_classes)
         class_hits += torch.bincount(targets[hits[:, 0]], minlength=num_classes)
         usage.update(collect_moe_report(model))
+    if expert_parallel:
+        _match_collective_passes(model, num_batches, most_batches, example, loader, info, autocast, channels_last)
     for tensor in (sums, class_hits, class_counts):
         all_reduce_sum(tensor, info)
     usage.all_reduce(info)

@@ -10,6 +10,10 @@ One process::
 Several processes (DDP; gloo on CPU, NCCL on GPU)::
 
     torchrun --nproc_per_node 8 -m gcvimoe train -c configs/gcvimoe_tiny.yaml --data-dir /data/imagenet
+    torchrun --nproc_per_node 8 -m gcvimoe train -c configs/gcvimoe_tiny.yaml --expert-parallel  # 1 expert each
+
+With ``expert_parallel`` each process holds ``num_experts / world_size`` experts of every MoE layer and tokens reach
+their expert by all-to-all; checkpoints still hold every expert (see :mod:`gcvimoe.engine.distributed`).
 
 ``batch_size`` is per process; with ``lr_batch_size`` set, the LR follows the global batch
 (``batch_size * grad_accum_steps * world_size``), see :mod:`gcvimoe.engine.config`.
@@ -51,10 +55,12 @@ from gcvimoe.data import DataConfig, build_transform, create_dataset, create_loa
 from gcvimoe.engine.checkpoint import build_model, rng_state, save_checkpoint, set_rng_state
 from gcvimoe.engine.config import TrainConfig, save_config, scaled_lr
 from gcvimoe.engine.distributed import (
-    DistInfo, all_gather_objects, all_reduce_sum, cleanup, init_distributed, wrap_model)
+    DistInfo, all_gather_objects, all_reduce_sum, average_expert_grads, cleanup, clip_grad_norm_expert_parallel,
+    full_state, init_distributed, local_optimizer_state, local_state_dict, shard_experts, wrap_model)
 from gcvimoe.engine.evaluate import ExpertUsage, evaluate, iterate
 from gcvimoe.errors import GcvimoeError
 from gcvimoe.moe import collect_aux_loss, collect_moe_report
+from gcvimoe.moe.parallel import is_expert_parallel
 
 _logger = logging.getLogger("gcvimoe.train")
 
@@ -95,6 +101,13 @@ def _autocast(cfg: TrainConfig, device: torch.device) -> Callable:
         return nullcontext
     dtype = torch.float16 if cfg.amp_dtype == "float16" else torch.bfloat16
     return partial(torch.autocast, device_type="cuda", dtype=dtype)
+
+
+def _clip_gradients(model: nn.Module, cfg: TrainConfig, info: DistInfo, expert_parallel: bool) -> None:
+    if expert_parallel and cfg.clip_mode == "norm":
+        clip_grad_norm_expert_parallel(model, cfg.clip_grad, info)
+    else:  # 'value' and 'agc' clip each parameter on its own: the same with sharded experts
+        dispatch_clip_grad(model.parameters(), cfg.clip_grad, mode=cfg.clip_mode)
 
 
 def _create_optimizer(cfg: TrainConfig, model: nn.Module, lr: float) -> torch.optim.Optimizer:
@@ -181,6 +194,7 @@ def train_one_epoch(
         ddp: The DDP wrapper in a multi-process run, whose gradient all-reduce waits for the last micro-batch.
     """
     train_model.train()
+    expert_parallel = info.distributed and is_expert_parallel(model)
     accum = cfg.grad_accum_steps
     num_batches = len(loader)
     last_window_start = num_batches - (num_batches % accum or accum)
@@ -217,15 +231,17 @@ def train_one_epoch(
                 (loss / window).backward()
 
         if need_update:
+            if expert_parallel:
+                average_expert_grads(model, info)
             if scaler is not None:
                 if cfg.clip_grad:
                     scaler.unscale_(optimizer)
-                    dispatch_clip_grad(model.parameters(), cfg.clip_grad, mode=cfg.clip_mode)
+                    _clip_gradients(model, cfg, info, expert_parallel)
                 scaler.step(optimizer)
                 scaler.update()
             else:
                 if cfg.clip_grad:
-                    dispatch_clip_grad(model.parameters(), cfg.clip_grad, mode=cfg.clip_mode)
+                    _clip_gradients(model, cfg, info, expert_parallel)
                 optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             num_updates += 1
@@ -302,6 +318,8 @@ def _train(cfg: TrainConfig, resume: Optional[Dict[str, Any]], info: DistInfo) -
     if cfg.grad_checkpointing:
         model.set_grad_checkpointing(True)
     num_params = sum(p.numel() for p in model.parameters())
+    if cfg.expert_parallel:
+        shard_experts(model, info)  # before the optimiser and EMA take the parameters
 
     # optimiser, precision, schedule, EMA
     global_batch = cfg.batch_size * cfg.grad_accum_steps * info.world_size
@@ -353,6 +371,9 @@ def _train(cfg: TrainConfig, resume: Optional[Dict[str, Any]], info: DistInfo) -
             "%d process(es) on %s, global batch %d, lr %.3g | output %s",
             cfg.model, num_params / 1e6, dataset, len(train_set), len(eval_set), data_cfg.num_classes,
             cfg.img_size, cfg.img_size, data_cfg.in_chans, info.world_size, info.device, global_batch, lr, output_dir)
+        if cfg.expert_parallel:
+            _logger.info("expert parallel: %s", f"every process holds 1/{info.world_size} of each MoE layer's experts"
+                         if is_expert_parallel(model) else "one process holds every expert")
         if start_epoch:
             _logger.info("resumed after epoch %d (%d optimiser updates)", start_epoch, num_updates)
 
@@ -384,19 +405,18 @@ def _train(cfg: TrainConfig, resume: Optional[Dict[str, Any]], info: DistInfo) -
                 best_top1, best_epoch = row["eval_top1"], epoch + 1
 
             rng = all_gather_objects(rng_state(), info)  # every process's RNG, so a resume continues each stream
+            # every expert, also under expert parallelism (a collective then), so the file loads on any process count
+            weights = full_state(model, optimizer, ema.module if ema is not None else None, info)
             if info.is_primary:
                 state = {
-                    "model_name": cfg.model, "model_args": model.model_args, "state_dict": model.state_dict(),
+                    "model_name": cfg.model, "model_args": model.model_args, **weights,
                     "data_config": data_cfg.to_dict(), "class_names": data_cfg.class_names,
-                    "optimizer": optimizer.state_dict(),
                     "scheduler": scheduler.state_dict() if scheduler is not None else None,
                     "scaler": scaler.state_dict() if scaler is not None else None,
                     "epoch": epoch + 1, "step": num_updates, "rng": rng, "history": history,
                     "best": {"top1": best_top1, "epoch": best_epoch}, "world_size": info.world_size,
                     "config": cfg.to_dict(),
                 }
-                if ema is not None:
-                    state["ema_state_dict"] = ema.module.state_dict()
                 _save_epoch(state, output_dir, is_best, cfg.checkpoint_every)
                 if writer is not None:
                     for key, value in row.items():
@@ -455,14 +475,14 @@ def _restore(resume, model, optimizer, scheduler, scaler, ema, cfg, data_cfg, in
             f"{model.model_args}; resume with the run's own config")
     if resume["data_config"]["class_names"] != data_cfg.class_names:
         raise GcvimoeError("the checkpoint was trained on other classes than this dataset's; resume on the same data")
-    model.load_state_dict(resume["state_dict"])
-    optimizer.load_state_dict(resume["optimizer"])
+    model.load_state_dict(local_state_dict(resume["state_dict"], model, info))
+    optimizer.load_state_dict(local_optimizer_state(resume["optimizer"], model, optimizer, info))
     if scheduler is not None and resume.get("scheduler") is not None:
         scheduler.load_state_dict(resume["scheduler"])
     if scaler is not None and resume.get("scaler") is not None:
         scaler.load_state_dict(resume["scaler"])
     if ema is not None:
-        ema.module.load_state_dict(resume.get("ema_state_dict", resume["state_dict"]))
+        ema.module.load_state_dict(local_state_dict(resume.get("ema_state_dict", resume["state_dict"]), model, info))
     rng = resume.get("rng") or []
     if len(rng) == info.world_size:
         set_rng_state(rng[info.rank])

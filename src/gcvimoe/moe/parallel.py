@@ -8,13 +8,16 @@ exchanged first, so the splits are variable and dropless routing works. Usage, a
     model = shard_experts_(model)                          # keep this process's experts of every MoE layer
     full = gather_expert_state_dict(model.state_dict())    # collective; checkpoints always hold all experts
     model.load_state_dict(shard_expert_state_dict(full, dist.get_rank(), dist.get_world_size()))
+    optim_full = gather_expert_optimizer_state(optimizer)  # the same for the optimiser's per-parameter state
+    optimizer.load_state_dict(shard_expert_optimizer_state(optim_full, optimizer, rank, world_size))
 
 Expert gradients sum the contributions of every process's tokens. When data parallelism averages the other
 gradients over the ``w`` processes, divide the expert gradients (``param.is_expert``) by ``w`` to match.
+``gcvimoe train --expert-parallel`` does all of this (:mod:`gcvimoe.engine.distributed`).
 """
 import copy
 import functools
-from typing import Dict, List, Optional
+from typing import Any, Dict, List, Optional
 
 import torch
 import torch.distributed as dist
@@ -124,6 +127,11 @@ class ExpertParallelExperts(Experts):
         return combine(out, token_index, x.shape[0])
 
 
+def is_expert_parallel(model: nn.Module) -> bool:
+    """Whether any MoE layer of ``model`` holds a shard of its experts (its forward is then a collective)."""
+    return any(isinstance(layer.experts, ExpertParallelExperts) for _, layer in moe_layers(model))
+
+
 def shard_experts_(model: nn.Module, group: Optional[dist.ProcessGroup] = None) -> nn.Module:
     """Replace the experts of every MoE layer of ``model`` by this process's share of them, in place.
 
@@ -170,3 +178,50 @@ def gather_expert_state_dict(state_dict: Dict[str, Tensor], group: Optional[dist
             value = torch.cat(parts)
         full[key] = value
     return full
+
+
+def _expert_params_by_index(optimizer: torch.optim.Optimizer) -> Dict[int, Tensor]:
+    """The expert parameters of ``optimizer`` under their index in its state dict (parameter order over groups)."""
+    params = [param for group in optimizer.param_groups for param in group['params']]
+    return {index: param for index, param in enumerate(params) if getattr(param, 'is_expert', False)}
+
+
+def gather_expert_optimizer_state(optimizer: torch.optim.Optimizer, group: Optional[dist.ProcessGroup] = None
+                                  ) -> Dict[str, Any]:
+    """``optimizer.state_dict()`` with every expert parameter's state (Adam's moments, momentum buffers) gathered from
+    all processes, as if one process held every expert.
+
+    A collective: every process of ``group`` must call it. A state tensor shaped like its expert parameter is
+    concatenated over the processes in rank order; other values (``step``) are the same everywhere and kept.
+    """
+    world_size = dist.get_world_size(group)
+    state = optimizer.state_dict()
+    packed = dict(state['state'])  # the per-parameter dicts are the optimiser's live state: copy before replacing
+    for index, param in _expert_params_by_index(optimizer).items():
+        full = dict(packed.get(index, {}))
+        for name, value in full.items():
+            if torch.is_tensor(value) and value.shape == param.shape:
+                parts = [torch.empty_like(value) for _ in range(world_size)]
+                dist.all_gather(parts, value.contiguous(), group=group)
+                full[name] = torch.cat(parts)
+        if index in packed:
+            packed[index] = full
+    return dict(state, state=packed)
+
+
+def shard_expert_optimizer_state(state_dict: Dict[str, Any], optimizer: torch.optim.Optimizer, rank: int,
+                                 world_size: int) -> Dict[str, Any]:
+    """The part of a full optimiser state dict (one process held every expert) that process ``rank`` loads into
+    ``optimizer``, whose expert parameters are this process's shard."""
+    packed = dict(state_dict['state'])
+    for index, param in _expert_params_by_index(optimizer).items():
+        if index not in packed:
+            continue
+        local = {}
+        for name, value in packed[index].items():
+            if (torch.is_tensor(value) and value.dim() == param.dim() and value.shape[1:] == param.shape[1:]
+                    and value.shape[0] == param.shape[0] * world_size):
+                value = value[rank * param.shape[0]:(rank + 1) * param.shape[0]]
+            local[name] = value
+        packed[index] = local
+    return dict(state_dict, state=packed)
