@@ -9,13 +9,17 @@ import sys
 import numpy as np
 import pytest
 import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
 import yaml
 from PIL import Image
 
 from gcvimoe.cli import main
 from gcvimoe.engine.checkpoint import model_from_checkpoint
 from gcvimoe.engine.config import TrainConfig
-from gcvimoe.engine.train import EMA_COLUMNS, SUMMARY_COLUMNS
+from gcvimoe.engine.distributed import DistInfo
+from gcvimoe.engine.train import EMA_COLUMNS, SUMMARY_COLUMNS, check_finite_loss
+from gcvimoe.errors import GcvimoeError
 
 CLASSES = ("circle", "square", "stripes")
 # a half-width nano with 4 experts, CutMix and EMA: every state a resume must restore, a few seconds per epoch
@@ -228,3 +232,19 @@ def test_expert_parallel_needs_a_process_count_dividing_the_experts(data_dir, tm
     done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode != 0
     assert "num_experts=4 must be divisible by the 3 expert-parallel processes" in done.stderr
+
+
+def _loss_worker(rank, init_file):
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
+    try:
+        info = DistInfo(device=torch.device("cpu"), rank=rank, world_size=2)
+        check_finite_loss(torch.tensor(1.5), info, "at batch 0")  # finite everywhere: nobody stops
+        with pytest.raises(GcvimoeError, match="on at least one of the 2 processes at batch 1"):
+            check_finite_loss(torch.tensor(float("nan") if rank == 1 else 2.0), info, "at batch 1")
+    finally:
+        dist.destroy_process_group()
+
+
+def test_a_non_finite_loss_on_one_process_stops_every_process(tmp_path):
+    mp.start_processes(_loss_worker, args=(str(tmp_path / "store"),), nprocs=2, start_method="fork")

@@ -103,6 +103,17 @@ def _autocast(cfg: TrainConfig, device: torch.device) -> Callable:
     return partial(torch.autocast, device_type="cuda", dtype=dtype)
 
 
+def check_finite_loss(loss: torch.Tensor, info: DistInfo, where: str) -> None:
+    """Stop every process together when the loss of any of them is not finite. One process stopping alone would
+    leave the others waiting in the next collective (DDP's all-reduce, an expert all-to-all) until it times out."""
+    value = loss.detach().float().reshape(1)
+    if info.distributed:
+        value = all_reduce_sum(value.clone(), info)  # NaN or inf anywhere makes the sum non-finite
+    if not math.isfinite(value.item()):
+        on = f" on at least one of the {info.world_size} processes" if info.distributed else ""
+        raise GcvimoeError(f"the loss became {loss.item()}{on} {where}; lower --lr or raise --warmup-epochs")
+
+
 def _clip_gradients(model: nn.Module, cfg: TrainConfig, info: DistInfo, expert_parallel: bool) -> None:
     if expert_parallel and cfg.clip_mode == "norm":
         clip_grad_norm_expert_parallel(model, cfg.clip_grad, info)
@@ -222,9 +233,7 @@ def train_one_epoch(
                 ce_loss = loss_fn(logits, targets)
                 aux_loss = collect_aux_loss(model)
                 loss = ce_loss + aux_loss
-            if not math.isfinite(loss.item()):
-                raise GcvimoeError(f"the loss became {loss.item()} at epoch {epoch + 1}, batch {batch_idx}; "
-                                   "lower --lr or raise --warmup-epochs")
+            check_finite_loss(loss, info, f"at epoch {epoch + 1}, batch {batch_idx}")
             if scaler is not None:
                 scaler.scale(loss / window).backward()
             else:
