@@ -336,6 +336,10 @@ def _train(cfg: TrainConfig, resume: Optional[Dict[str, Any]], info: DistInfo) -
     optimizer = _create_optimizer(cfg, model, lr)
     autocast = _autocast(cfg, info.device)
     scaler = torch.amp.GradScaler("cuda") if autocast is not nullcontext and cfg.amp_dtype == "float16" else None
+    if scaler is not None and is_expert_parallel(model):
+        # the scaler skips a step on the processes whose own experts overflowed, and the replicas would drift apart
+        raise GcvimoeError("expert_parallel does not support float16 mixed precision (its loss scaler decides per "
+                           "process); use --amp-dtype bfloat16")
     updates_per_epoch = math.ceil(len(train_loader) / cfg.grad_accum_steps)
     scheduler, total_epochs = create_scheduler_v2(
         optimizer, sched=cfg.sched, num_epochs=cfg.epochs, warmup_epochs=cfg.warmup_epochs, warmup_lr=cfg.warmup_lr,
@@ -381,8 +385,11 @@ def _train(cfg: TrainConfig, resume: Optional[Dict[str, Any]], info: DistInfo) -
             cfg.model, num_params / 1e6, dataset, len(train_set), len(eval_set), data_cfg.num_classes,
             cfg.img_size, cfg.img_size, data_cfg.in_chans, info.world_size, info.device, global_batch, lr, output_dir)
         if cfg.expert_parallel:
-            _logger.info("expert parallel: %s", f"every process holds 1/{info.world_size} of each MoE layer's experts"
-                         if is_expert_parallel(model) else "one process holds every expert")
+            if is_expert_parallel(model):
+                layout = f"every process holds 1/{info.world_size} of each MoE layer's experts"
+            else:
+                layout = "one process holds every expert" if info.world_size == 1 else "the model has no MoE layers"
+            _logger.info("expert parallel: %s", layout)
         if start_epoch:
             _logger.info("resumed after epoch %d (%d optimiser updates)", start_epoch, num_updates)
 
