@@ -344,6 +344,17 @@ def test_empty_batch_gives_empty_output_and_zero_losses(router):
     assert x.grad.shape == x.shape
 
 
+def test_expert_chunks_pack_small_experts_and_cut_large_ones_evenly(monkeypatch):
+    monkeypatch.setattr(experts_module, 'CHUNK_ROWS', 6)
+    chunks = list(experts_module._expert_chunks([3, 0, 4, 2, 13, 1]))
+    assert chunks == [
+        (0, 3, ((0, 0, 3, True),)),
+        (3, 9, ((2, 3, 7, True), (3, 7, 9, True))),  # 4 + 2 rows share a chunk
+        (9, 14, ((4, 9, 14, True),)), (14, 19, ((4, 14, 19, False),)), (19, 22, ((4, 19, 22, False),)),  # 5, 5, 3
+        (22, 23, ((5, 22, 23, True),)),
+    ]
+
+
 def test_grouped_mm_path_matches_the_chunked_kernel():
     torch.manual_seed(0)
     experts = Experts(4, 8, 16, 8)
@@ -362,8 +373,10 @@ def test_grouped_mm_path_matches_the_chunked_kernel():
         torch.testing.assert_close(chunked, grouped)
 
 
-def test_chunked_kernel_gradcheck_with_dropout_and_chunk_boundaries(monkeypatch):
-    monkeypatch.setattr(experts_module, 'CHUNK_ROWS', 2)  # segments of 3 and 4 rows span several chunks
+# segments of 3, 4 and 2 rows: cut over several chunks (2), the last two sharing a chunk (6), all in one (2048)
+@pytest.mark.parametrize('chunk_rows', [2, 6, 2048])
+def test_chunked_kernel_gradcheck_with_dropout_and_chunk_boundaries(monkeypatch, chunk_rows):
+    monkeypatch.setattr(experts_module, 'CHUNK_ROWS', chunk_rows)
     torch.manual_seed(0)
     experts = Experts(4, 8, 16, 8, drop=0.25, dtype=torch.float64)
     x, tokens_per_expert, token_index, gates = _expert_inputs(torch.float64)

@@ -4,11 +4,13 @@ The weights are stacked tensors (``fc1_weight [e, d, h]``, ``fc2_weight [e, h, d
 ``fc1_weight[i] = mlp.fc1.weight.T`` for a timm ``Mlp``. The experts take the dispatch plan (token indices grouped
 by expert) and return the gated, combined output per token, so no padding slot is ever computed.
 
-On CPU the whole expert MLP runs as one autograd node over chunks of at most ``CHUNK_ROWS`` rows of one expert:
-gather, fc1, activation, fc2, gate and scatter-add happen while a chunk is in cache, and only the fc1 output is saved
-for backward (the activation is recomputed there). A dense MLP instead streams its full ``[t, h]`` hidden tensor
-through memory several times and saves it twice, so this kernel costs a dense MLP's GEMMs and little else, and holds
-about half its activation memory. On CUDA in bf16 the experts run as two ``torch.nn.functional.grouped_mm`` calls.
+On CPU the whole expert MLP runs as one autograd node over chunks of at most ``CHUNK_ROWS`` rows: gather, fc1,
+activation, fc2, gate and scatter-add happen while a chunk is in cache, and only the fc1 output is saved for backward
+(the activation is recomputed there). A chunk holds the rows of several experts when they are few (small batches),
+so the row-wise work runs once per chunk and only the GEMMs once per expert. A dense MLP instead streams its full
+``[t, h]`` hidden tensor through memory several times and saves it twice, so this kernel costs a dense MLP's GEMMs
+and little else, and holds about half its activation memory. On CUDA in bf16 the experts run as two
+``torch.nn.functional.grouped_mm`` calls.
 """
 import math
 from typing import Callable, Iterator, List, Optional, Tuple, Union
@@ -24,17 +26,33 @@ CHUNK_ROWS = 2048  # a chunk's fc1 output (2048 x h floats) stays in L3 between 
 # 1024 rows or more run at the speed of a full-batch GEMM
 
 
-def _expert_chunks(tokens_per_expert: List[int]) -> Iterator[Tuple[int, int, int, bool]]:
-    """``(expert, start, stop, first)`` row ranges in expert order, each expert's rows cut into equal chunks of at
-    most ``CHUNK_ROWS`` rows (no small remainder chunk, whose GEMM would be inefficient); ``first`` marks an
-    expert's first chunk."""
+Segment = Tuple[int, int, int, bool]  # (expert, start, stop, first): rows of one expert, first marks its first rows
+
+
+def _expert_chunks(tokens_per_expert: List[int]) -> Iterator[Tuple[int, int, Tuple[Segment, ...]]]:
+    """``(start, stop, segments)`` row ranges of at most ``CHUNK_ROWS`` rows, in expert order.
+
+    An expert with more rows is cut into equal chunks of its own (no small remainder chunk, whose GEMM would be
+    inefficient); experts with fewer rows share chunks, each one a segment of it. Segment bounds are absolute rows.
+    """
+    segments: List[Segment] = []
     start = 0
     for expert, size in enumerate(tokens_per_expert):
-        if size:
-            chunk_rows = math.ceil(size / math.ceil(size / CHUNK_ROWS))
-            for chunk_start in range(start, start + size, chunk_rows):
-                yield expert, chunk_start, min(chunk_start + chunk_rows, start + size), chunk_start == start
+        if not size:
+            continue
+        if segments and start + size - segments[0][1] > CHUNK_ROWS:  # the open chunk cannot take this expert
+            yield segments[0][1], start, tuple(segments)
+            segments = []
+        if size <= CHUNK_ROWS:
+            segments.append((expert, start, start + size, True))
+        else:  # (the open chunk, if any, was closed above)
+            piece = math.ceil(size / math.ceil(size / CHUNK_ROWS))
+            for piece_start in range(start, start + size, piece):
+                piece_stop = min(piece_start + piece, start + size)
+                yield piece_start, piece_stop, ((expert, piece_start, piece_stop, piece_start == start),)
         start += size
+    if segments:
+        yield segments[0][1], start, tuple(segments)
 
 
 def _linear(rows: Tensor, weight: Tensor, bias: Optional[Tensor], out: Optional[Tensor] = None,
@@ -99,6 +117,10 @@ def activation_into(act: nn.Module, pre_act: Tensor, out: Tensor) -> Tensor:
     return torch.ops.aten.gelu.out(pre_act, approximate=act.approximate, out=out)
 
 
+def _bias(bias: Optional[Tensor], expert: int) -> Optional[Tensor]:
+    return None if bias is None else bias[expert]
+
+
 def _expert_mlp_forward(x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, gates, token_index, chunks, act, hidden_keep,
                         hidden=None, masks=None):
     """Forward of :class:`_ExpertMLP`; fills ``hidden`` (fc1 outputs) and ``masks`` (dropout), one tensor per chunk,
@@ -110,16 +132,20 @@ def _expert_mlp_forward(x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, gates, to
     # the activation's output
     hidden_buffer = x.new_empty(CHUNK_ROWS, fc1_weight.shape[-1])
     out_buffer = x.new_empty(CHUNK_ROWS, fc2_weight.shape[-1])
-    for chunk, (expert, start, stop, _) in enumerate(chunks):
+    for chunk, (start, stop, segments) in enumerate(chunks):
         index = token_index[start:stop]
         rows = torch.index_select(x, 0, index, out=rows_buffer[:stop - start])
         pre_act = hidden_buffer[:stop - start] if hidden is None else hidden[chunk]
-        _linear(rows, fc1_weight[expert], None if fc1_bias is None else fc1_bias[expert], out=pre_act)
+        for expert, first_row, last_row, _ in segments:
+            part = slice(first_row - start, last_row - start)
+            _linear(rows[part], fc1_weight[expert], _bias(fc1_bias, expert), out=pre_act[part])
         act_out = activation_into(act, pre_act, out=hidden_buffer[:stop - start])
         if hidden_keep < 1:  # inverted dropout: the 1 / keep scale rides on the fc2 GEMM
             act_out.mul_(_keep_mask(*act_out.shape, hidden_keep, x.device, out=None if masks is None else masks[chunk]))
-        y = _linear(act_out, fc2_weight[expert], None if fc2_bias is None else fc2_bias[expert],
-                    out=out_buffer[:stop - start], scale=1. / hidden_keep)
+        y = out_buffer[:stop - start]
+        for expert, first_row, last_row, _ in segments:
+            part = slice(first_row - start, last_row - start)
+            _linear(act_out[part], fc2_weight[expert], _bias(fc2_bias, expert), out=y[part], scale=1. / hidden_keep)
         if gates is not None:
             y.mul_(gates[start:stop].unsqueeze(1))
         out.index_add_(0, index, y)
@@ -137,7 +163,7 @@ class _ExpertMLP(torch.autograd.Function):
     def forward(ctx, x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, gates, token_index, chunks, act, hidden_keep):
         # one tensor per chunk rather than one [n, h] tensor: a tensor over glibc's largest mmap threshold (32 MiB,
         # n > 10922 rows at h = 768) is mapped afresh on every step, and its first touch page-faults every 4 KiB
-        hidden = [x.new_empty(stop - start, fc1_weight.shape[-1]) for _, start, stop, _ in chunks]
+        hidden = [x.new_empty(stop - start, fc1_weight.shape[-1]) for start, stop, _ in chunks]
         masks = [torch.empty(h.shape, dtype=torch.uint8, device=x.device) for h in hidden] if hidden_keep < 1 else []
         out = _expert_mlp_forward(x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, gates, token_index, chunks, act,
                                   hidden_keep, hidden=hidden, masks=masks or None)
@@ -150,22 +176,28 @@ class _ExpertMLP(torch.autograd.Function):
     def backward(ctx, grad_out):
         x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, gates, token_index, *per_chunk = ctx.saved_tensors
         hidden, masks = per_chunk[:len(ctx.chunks)], per_chunk[len(ctx.chunks):] or None
+        keep = ctx.hidden_keep
         need_x, need_w1, need_b1, need_w2, need_b2, need_gates = ctx.needs_input_grad[:6]
         need_pre_act = need_x or need_w1 or need_b1
         grad_x = torch.zeros_like(x) if need_x else None
-        # an expert's first chunk writes its weight gradients, the others add to them: no zero fill but for idle experts
+        # an expert's first rows write its weight gradients, the others add to them: no zero fill but for idle experts
         grad_w1, grad_b1, grad_w2, grad_b2 = (
             torch.empty_like(param) if need else None
             for param, need in ((fc1_weight, need_w1), (fc1_bias, need_b1), (fc2_weight, need_w2), (fc2_bias, need_b2)))
-        idle = torch.ones(fc1_weight.shape[0], dtype=torch.bool)
-        idle[[expert for expert, _, _, first in ctx.chunks if first]] = False
+        active = {expert for _, _, segments in ctx.chunks for expert, *_ in segments}
+        idle = [expert for expert in range(fc1_weight.shape[0]) if expert not in active]
         for grad in (grad_w1, grad_b1, grad_w2, grad_b2):
-            if grad is not None and idle.any():
-                grad[idle.to(grad.device)] = 0
+            if grad is not None and idle:
+                grad[idle] = 0
         grad_gates = torch.empty_like(gates) if need_gates else None
-        act_buffer = x.new_empty(max((h.shape[0] for h in hidden), default=0), fc1_weight.shape[-1])
-        for chunk, (expert, start, stop, first) in enumerate(ctx.chunks):
+        rows = max((h.shape[0] for h in hidden), default=0)
+        act_buffer = x.new_empty(rows, fc1_weight.shape[-1])
+        grad_hidden_buffer = x.new_empty(rows, fc1_weight.shape[-1])
+        grad_rows_buffer = x.new_empty(rows, x.shape[1])
+        for chunk, (start, stop, segments) in enumerate(ctx.chunks):
             index = token_index[start:stop]
+            parts = [(expert, slice(first_row - start, last_row - start), first)
+                     for expert, first_row, last_row, first in segments]
             grad_y = grad_out.index_select(0, index)  # [c, d_out], unscaled by the gate
             pre_act = hidden[chunk]
             # fc2's input is fc2_in / keep: act(pre_act) (recomputed, cheaper than saving it) with the dropped zeroed
@@ -174,33 +206,44 @@ class _ExpertMLP(torch.autograd.Function):
                 fc2_in.mul_(masks[chunk])
             gate = None if gates is None else gates[start:stop].unsqueeze(1)
             grad_y_gated = grad_y if gate is None else grad_y * gate
-            if need_w2:
-                _accumulate_mm(grad_w2[expert], fc2_in.t(), grad_y_gated, first, scale=1. / ctx.hidden_keep)
-            if need_b2:
-                _accumulate_sum(grad_b2[expert], grad_y_gated, first)
+            for expert, part, first in parts:
+                if need_w2:
+                    _accumulate_mm(grad_w2[expert], fc2_in[part].t(), grad_y_gated[part], first, scale=1. / keep)
+                if need_b2:
+                    _accumulate_sum(grad_b2[expert], grad_y_gated[part], first)
             if not (need_gates or need_pre_act):
                 continue
-            grad_fc2_in = grad_y @ fc2_weight[expert].t()  # unscaled: its row-wise dot with fc2's input is the gate's
+            # unscaled by the gate: its row-wise dot with fc2's input is the gate's gradient
+            grad_fc2_in = grad_hidden_buffer[:stop - start]
+            for expert, part, _ in parts:
+                torch.mm(grad_y[part], fc2_weight[expert].t(), out=grad_fc2_in[part])
             if need_gates:
-                grad_gates[start:stop] = torch.linalg.vecdot(grad_fc2_in, fc2_in)
-                if ctx.hidden_keep < 1:
-                    grad_gates[start:stop] /= ctx.hidden_keep
+                chunk_grad_gates = torch.linalg.vecdot(grad_fc2_in, fc2_in, out=grad_gates[start:stop])
+                if keep < 1:
+                    chunk_grad_gates /= keep
                 if fc2_bias is not None:
-                    grad_gates[start:stop] += grad_y @ fc2_bias[expert]
+                    for expert, part, _ in parts:
+                        chunk_grad_gates[part].addmv_(grad_y[part], fc2_bias[expert])
             if not need_pre_act:
                 continue
             if masks is not None:
                 grad_fc2_in.mul_(masks[chunk])
-            scale = 1. / ctx.hidden_keep if gate is None else gate / ctx.hidden_keep
-            if gate is not None or ctx.hidden_keep < 1:
+            scale = 1. / keep if gate is None else gate / keep
+            if gate is not None or keep < 1:
                 grad_fc2_in.mul_(scale)
             grad_pre_act = _activation_backward(ctx.act, pre_act, grad_fc2_in)
             if need_w1:
-                _accumulate_mm(grad_w1[expert], x.index_select(0, index).t(), grad_pre_act, first)
+                x_rows = x.index_select(0, index)
+                for expert, part, first in parts:
+                    _accumulate_mm(grad_w1[expert], x_rows[part].t(), grad_pre_act[part], first)
             if need_b1:
-                _accumulate_sum(grad_b1[expert], grad_pre_act, first)
+                for expert, part, first in parts:
+                    _accumulate_sum(grad_b1[expert], grad_pre_act[part], first)
             if need_x:
-                grad_x.index_add_(0, index, grad_pre_act @ fc1_weight[expert].t())
+                grad_rows = grad_rows_buffer[:stop - start]
+                for expert, part, _ in parts:
+                    torch.mm(grad_pre_act[part], fc1_weight[expert].t(), out=grad_rows[part])
+                grad_x.index_add_(0, index, grad_rows)
         return grad_x, grad_w1, grad_b1, grad_w2, grad_b2, grad_gates, None, None, None, None
 
 
