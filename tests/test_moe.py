@@ -346,12 +346,17 @@ def test_empty_batch_gives_empty_output_and_zero_losses(router):
 
 def test_expert_chunks_pack_small_experts_and_cut_large_ones_evenly(monkeypatch):
     monkeypatch.setattr(experts_module, 'CHUNK_ROWS', 6)
+    monkeypatch.setattr(experts_module, 'SHARED_CHUNK_ROWS', 6)
     chunks = list(experts_module._expert_chunks([3, 0, 4, 2, 13, 1]))
     assert chunks == [
         (0, 3, ((0, 0, 3, True),)),
         (3, 9, ((2, 3, 7, True), (3, 7, 9, True))),  # 4 + 2 rows share a chunk
         (9, 14, ((4, 9, 14, True),)), (14, 19, ((4, 14, 19, False),)), (19, 22, ((4, 19, 22, False),)),  # 5, 5, 3
         (22, 23, ((5, 22, 23, True),)),
+    ]
+    monkeypatch.setattr(experts_module, 'SHARED_CHUNK_ROWS', 3)  # experts of 4 rows or more get chunks of their own
+    assert list(experts_module._expert_chunks([3, 4, 2, 1])) == [
+        (0, 3, ((0, 0, 3, True),)), (3, 7, ((1, 3, 7, True),)), (7, 10, ((2, 7, 9, True), (3, 9, 10, True))),
     ]
 
 
@@ -377,6 +382,7 @@ def test_grouped_mm_path_matches_the_chunked_kernel():
 @pytest.mark.parametrize('chunk_rows', [2, 6, 2048])
 def test_chunked_kernel_gradcheck_with_dropout_and_chunk_boundaries(monkeypatch, chunk_rows):
     monkeypatch.setattr(experts_module, 'CHUNK_ROWS', chunk_rows)
+    monkeypatch.setattr(experts_module, 'SHARED_CHUNK_ROWS', chunk_rows)
     torch.manual_seed(0)
     experts = Experts(4, 8, 16, 8, drop=0.25, dtype=torch.float64)
     x, tokens_per_expert, token_index, gates = _expert_inputs(torch.float64)
