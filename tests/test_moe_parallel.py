@@ -69,26 +69,41 @@ def _check_case(rank, options):
 
 
 def _check_optimizer_state(parallel, reference, rank):
-    """Adam's moments of the sharded experts gather into the single-process optimiser's, and shard back."""
-    # the reference's expert gradients sum both batches; the shards' sum the same tokens, so one step agrees
-    optimizers = [torch.optim.Adam(model.parameters(), lr=0.1) for model in (parallel, reference)]
-    for optimizer in optimizers:
-        optimizer.step()
-    full = gather_expert_optimizer_state(optimizers[0])
-    expected = optimizers[1].state_dict()
+    """Adam's moments and Adafactor's factored statistics of the expert weights gather into the single-process
+    optimiser's state and shard back; Adafactor's statistics of the stacked biases mix the experts and refuse."""
     param_names = [name for name, _ in reference.named_parameters()]
-    for index, name in enumerate(param_names):
-        for moment in ('exp_avg', 'exp_avg_sq'):
-            if name.startswith('experts.'):
-                torch.testing.assert_close(full['state'][index][moment], expected['state'][index][moment])
-    assert optimizers[0].state_dict()['state'][param_names.index('experts.fc1_weight')]['exp_avg'].shape[0] == \
-        parallel.experts.num_experts  # gathering left the live state alone
-    local = shard_expert_optimizer_state(expected, optimizers[0], rank, WORLD_SIZE)
-    own = optimizers[0].state_dict()
-    for index, name in enumerate(param_names):
-        if name.startswith('experts.'):
-            for moment in ('exp_avg', 'exp_avg_sq'):
-                torch.testing.assert_close(local['state'][index][moment], own['state'][index][moment])
+    experts = [index for index, name in enumerate(param_names) if name.startswith('experts.')]
+    expert_weights = [index for index in experts if param_names[index].endswith('_weight')]
+
+    def optimizers(optimizer_class, indices):
+        # the reference's expert gradients sum both batches, the shards' the same tokens: one step agrees
+        pairs = []
+        for model in (parallel, reference):
+            params = list(model.parameters())
+            optimizer = optimizer_class([params[index] for index in indices], lr=0.1)
+            optimizer.step()
+            pairs.append(optimizer)
+        return pairs
+
+    all_params = list(range(len(param_names)))
+    for optimizer_class, indices in ((torch.optim.Adam, all_params), (torch.optim.Adafactor, expert_weights)):
+        ours, single = optimizers(optimizer_class, indices)
+        full, expected, own = gather_expert_optimizer_state(ours), single.state_dict(), ours.state_dict()
+        local = shard_expert_optimizer_state(expected, ours, rank, WORLD_SIZE)
+        for position, index in enumerate(indices):
+            if index not in experts:
+                continue
+            moments = [key for key, value in expected['state'][position].items() if value.dim()]
+            assert moments, optimizer_class  # Adam: exp_avg, exp_avg_sq; Adafactor: row_var, col_var
+            for key in moments:
+                torch.testing.assert_close(full['state'][position][key], expected['state'][position][key])
+                torch.testing.assert_close(local['state'][position][key], own['state'][position][key])
+                # gathering left the live state alone
+                assert own['state'][position][key].shape[0] == parallel.experts.num_experts
+    if parallel.experts.num_experts > 1:  # (with one expert per process a [1, h] statistic is that expert's own)
+        ours, _ = optimizers(torch.optim.Adafactor, [param_names.index('experts.fc1_bias')])
+        with pytest.raises(ValueError, match='not one row per expert'):
+            gather_expert_optimizer_state(ours)
 
 
 def _worker(rank, init_file):

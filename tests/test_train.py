@@ -1,5 +1,6 @@
 """End-to-end training on a tiny generated image folder: outputs, exact resume, validate/predict, and DDP."""
 import csv
+import datetime
 import json
 import os
 import shutil
@@ -13,13 +14,18 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 import yaml
 from PIL import Image
+from timm.optim import create_optimizer_v2
 
 from gcvimoe.cli import main
+from gcvimoe.data import create_loader
 from gcvimoe.engine.checkpoint import model_from_checkpoint
 from gcvimoe.engine.config import TrainConfig
-from gcvimoe.engine.distributed import DistInfo
+from gcvimoe.engine.distributed import DistInfo, check_expert_parallel_optimizer
+from gcvimoe.engine.evaluate import evaluate
 from gcvimoe.engine.train import EMA_COLUMNS, SUMMARY_COLUMNS, check_finite_loss
 from gcvimoe.errors import GcvimoeError
+from gcvimoe.models import create_model
+from gcvimoe.moe.parallel import shard_experts_
 
 CLASSES = ("circle", "square", "stripes")
 # a half-width nano with 4 experts, CutMix and EMA: every state a resume must restore, a few seconds per epoch
@@ -248,3 +254,39 @@ def _loss_worker(rank, init_file):
 
 def test_a_non_finite_loss_on_one_process_stops_every_process(tmp_path):
     mp.start_processes(_loss_worker, args=(str(tmp_path / "store"),), nprocs=2, start_method="fork")
+
+
+def _evaluate_worker(rank, init_file):
+    torch.set_num_threads(1)
+    # a short timeout: a process left waiting in a collective fails the test instead of hanging it
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2,
+                           timeout=datetime.timedelta(seconds=60))
+    try:
+        info = DistInfo(device=torch.device("cpu"), rank=rank, world_size=2)
+        torch.manual_seed(0)
+        model = create_model("gcvimoe_nano", num_experts=4, embed_dim=16, num_classes=3, img_size=32, in_chans=3)
+        shard_experts_(model)
+        generator = torch.Generator().manual_seed(1)
+        dataset = torch.utils.data.TensorDataset(torch.randn(1, 3, 32, 32, generator=generator), torch.tensor([2]))
+        loader = create_loader(dataset, 4, False, rank=rank, world_size=2)  # one image: process 1 gets none
+        result = evaluate(model, loader, num_classes=3, info=info)
+        assert result["num_images"] == 1
+        counts = {name: layer["token_counts"] for name, layer in result["experts"].items()}
+        assert counts and all(sum(layer) > 0 for layer in counts.values())
+        gathered = [None, None]
+        dist.all_gather_object(gathered, (result["loss"], counts))
+        assert gathered[0] == gathered[1]  # every process reports the whole val set's numbers
+    finally:
+        dist.destroy_process_group()
+
+
+def test_expert_parallel_evaluation_with_a_process_without_images(tmp_path):
+    mp.start_processes(_evaluate_worker, args=(str(tmp_path / "store"),), nprocs=2, start_method="fork")
+
+
+def test_expert_parallel_refuses_optimisers_that_look_across_parameters():
+    params = [torch.nn.Parameter(torch.zeros(2, 3))]
+    check_expert_parallel_optimizer(create_optimizer_v2(params, "adamw"), "adamw")
+    for name in ("lamb", "adafactor"):
+        with pytest.raises(GcvimoeError, match=f"expert_parallel cannot train with --opt {name}"):
+            check_expert_parallel_optimizer(create_optimizer_v2(params, name), name)

@@ -104,6 +104,21 @@ def average_expert_grads(model: nn.Module, info: DistInfo) -> None:
         grad.div_(info.world_size)
 
 
+def check_expert_parallel_optimizer(optimizer: torch.optim.Optimizer, name: str) -> None:
+    """Refuse an optimiser whose update of one parameter depends on others under expert parallelism: one that clips
+    by a gradient norm of its own (timm's LAMB: ``max_grad_norm``) would take the norm of this process's experts only
+    and scale the shared weights differently on each process; Adafactor's factored statistics of a stacked ``[e, h]``
+    bias average over the experts, so a process holding some of them would compute other updates."""
+    reason = None
+    if any(group.get("max_grad_norm") for group in optimizer.param_groups):
+        reason = "it clips by a gradient norm over this process's parameters only"
+    elif "adafactor" in name.lower():
+        reason = "its factored statistics of the stacked expert biases average over all experts"
+    if reason is not None:
+        raise GcvimoeError(f"expert_parallel cannot train with --opt {name}: {reason}; use another optimiser "
+                           "(adamw, sgd, ...) with --clip-grad")
+
+
 def clip_grad_norm_expert_parallel(model: nn.Module, max_norm: float, info: DistInfo) -> torch.Tensor:
     """Clip all gradients by their norm over the whole job: the shared parameters' (equal on every process after the
     DDP all-reduce) and every process's own experts'. A per-process norm would clip the shared parameters by

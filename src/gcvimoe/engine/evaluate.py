@@ -8,7 +8,7 @@ from torch import nn
 
 from gcvimoe.engine.distributed import DistInfo, all_reduce_sum, max_over_processes
 from gcvimoe.errors import GcvimoeError
-from gcvimoe.moe import MoEReport, collect_moe_report
+from gcvimoe.moe import MoEReport, collect_moe_report, moe_layers
 from gcvimoe.moe.parallel import is_expert_parallel
 
 
@@ -28,11 +28,19 @@ def iterate(loader: Iterable):
 
 
 class ExpertUsage:
-    """Sums per-layer expert token counts over batches (and processes) from :class:`gcvimoe.moe.MoEReport` s."""
+    """Sums per-layer expert token counts over batches (and processes) from :class:`gcvimoe.moe.MoEReport` s.
 
-    def __init__(self):
+    Args:
+        model: Start every MoE layer of ``model`` at zero, so that a process that saw no batch still takes part in
+            :meth:`all_reduce` layer by layer, as the others do.
+    """
+
+    def __init__(self, model: Optional[nn.Module] = None):
         self.tokens: Dict[str, torch.Tensor] = {}
         self.kept: Dict[str, torch.Tensor] = {}
+        for name, layer in moe_layers(model) if model is not None else ():
+            self.tokens[name] = torch.zeros(layer.num_experts, dtype=torch.float64)
+            self.kept[name] = torch.zeros(layer.num_experts, dtype=torch.float64)
 
     def update(self, report: MoEReport) -> None:
         for name, stats in report.stats.items():
@@ -104,7 +112,7 @@ def evaluate(
     sums = torch.zeros(4, dtype=torch.float64, device=info.device)  # loss, top-1 hits, top-k hits, images
     class_hits = torch.zeros(num_classes, dtype=torch.float64, device=info.device)
     class_counts = torch.zeros(num_classes, dtype=torch.float64, device=info.device)
-    usage = ExpertUsage()
+    usage = ExpertUsage(model)
     batches = iterate(loader)
     num_batches, example = 0, None
     expert_parallel = info.distributed and is_expert_parallel(model)

@@ -55,8 +55,9 @@ from gcvimoe.data import DataConfig, build_transform, create_dataset, create_loa
 from gcvimoe.engine.checkpoint import build_model, rng_state, save_checkpoint, set_rng_state
 from gcvimoe.engine.config import TrainConfig, save_config, scaled_lr
 from gcvimoe.engine.distributed import (
-    DistInfo, all_gather_objects, all_reduce_sum, average_expert_grads, cleanup, clip_grad_norm_expert_parallel,
-    full_state, init_distributed, local_optimizer_state, local_state_dict, shard_experts, wrap_model)
+    DistInfo, all_gather_objects, all_reduce_sum, average_expert_grads, check_expert_parallel_optimizer, cleanup,
+    clip_grad_norm_expert_parallel, full_state, init_distributed, local_optimizer_state, local_state_dict,
+    shard_experts, wrap_model)
 from gcvimoe.engine.evaluate import ExpertUsage, evaluate, iterate
 from gcvimoe.errors import GcvimoeError
 from gcvimoe.moe import collect_aux_loss, collect_moe_report
@@ -111,7 +112,7 @@ def check_finite_loss(loss: torch.Tensor, info: DistInfo, where: str) -> None:
         value = all_reduce_sum(value.clone(), info)  # NaN or inf anywhere makes the sum non-finite
     if not math.isfinite(value.item()):
         on = f" on at least one of the {info.world_size} processes" if info.distributed else ""
-        raise GcvimoeError(f"the loss became {loss.item()}{on} {where}; lower --lr or raise --warmup-epochs")
+        raise GcvimoeError(f"the loss became {value.item()}{on} {where}; lower --lr or raise --warmup-epochs")
 
 
 def _clip_gradients(model: nn.Module, cfg: TrainConfig, info: DistInfo, expert_parallel: bool) -> None:
@@ -210,7 +211,7 @@ def train_one_epoch(
     num_batches = len(loader)
     last_window_start = num_batches - (num_batches % accum or accum)
     sums = torch.zeros(3, dtype=torch.float64)  # cross-entropy, aux loss (each times batch size), images
-    usage = ExpertUsage()
+    usage = ExpertUsage(model)
     start = time.perf_counter()
     bar = tqdm(iterate(loader), total=num_batches, desc=desc, disable=not info.is_primary, leave=False,
                dynamic_ncols=True, file=sys.stderr)
@@ -334,6 +335,8 @@ def _train(cfg: TrainConfig, resume: Optional[Dict[str, Any]], info: DistInfo) -
     global_batch = cfg.batch_size * cfg.grad_accum_steps * info.world_size
     lr = scaled_lr(cfg, global_batch)
     optimizer = _create_optimizer(cfg, model, lr)
+    if is_expert_parallel(model):
+        check_expert_parallel_optimizer(optimizer, cfg.opt)
     autocast = _autocast(cfg, info.device)
     scaler = torch.amp.GradScaler("cuda") if autocast is not nullcontext and cfg.amp_dtype == "float16" else None
     if scaler is not None and is_expert_parallel(model):

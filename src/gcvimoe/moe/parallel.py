@@ -186,13 +186,22 @@ def _expert_params_by_index(optimizer: torch.optim.Optimizer) -> Dict[int, Tenso
     return {index: param for index, param in enumerate(params) if getattr(param, 'is_expert', False)}
 
 
+def _check_per_expert(name: str, value: Tensor, num_experts: int) -> None:
+    if value.shape[0] != num_experts:
+        raise ValueError(f"optimiser state '{name}' of an expert parameter has shape {tuple(value.shape)}, not one "
+                         f"row per expert ({num_experts}): the optimiser mixes experts in its statistics (as "
+                         f"Adafactor does for stacked biases) and cannot be split over expert-parallel processes")
+
+
 def gather_expert_optimizer_state(optimizer: torch.optim.Optimizer, group: Optional[dist.ProcessGroup] = None
                                   ) -> Dict[str, Any]:
     """``optimizer.state_dict()`` with every expert parameter's state (Adam's moments, momentum buffers) gathered from
     all processes, as if one process held every expert.
 
-    A collective: every process of ``group`` must call it. A state tensor shaped like its expert parameter is
-    concatenated over the processes in rank order; other values (``step``) are the same everywhere and kept.
+    A collective: every process of ``group`` must call it. A state tensor with the parameter's experts as its
+    leading dimension (moments shaped like the parameter, factored row or column statistics of one expert) is
+    concatenated over the processes in rank order; scalars (``step``) are the same everywhere and kept. Any other
+    tensor mixes the experts (Adafactor's column statistics of a ``[e, h]`` bias) and raises a ValueError.
     """
     world_size = dist.get_world_size(group)
     state = optimizer.state_dict()
@@ -200,7 +209,8 @@ def gather_expert_optimizer_state(optimizer: torch.optim.Optimizer, group: Optio
     for index, param in _expert_params_by_index(optimizer).items():
         full = dict(packed.get(index, {}))
         for name, value in full.items():
-            if torch.is_tensor(value) and value.shape == param.shape:
+            if torch.is_tensor(value) and value.dim():
+                _check_per_expert(name, value, param.shape[0])
                 parts = [torch.empty_like(value) for _ in range(world_size)]
                 dist.all_gather(parts, value.contiguous(), group=group)
                 full[name] = torch.cat(parts)
@@ -219,8 +229,8 @@ def shard_expert_optimizer_state(state_dict: Dict[str, Any], optimizer: torch.op
             continue
         local = {}
         for name, value in packed[index].items():
-            if (torch.is_tensor(value) and value.dim() == param.dim() and value.shape[1:] == param.shape[1:]
-                    and value.shape[0] == param.shape[0] * world_size):
+            if torch.is_tensor(value) and value.dim():
+                _check_per_expert(name, value, param.shape[0] * world_size)
                 value = value[rank * param.shape[0]:(rank + 1) * param.shape[0]]
             local[name] = value
         packed[index] = local
