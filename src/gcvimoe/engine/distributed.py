@@ -123,9 +123,9 @@ def clip_grad_norm_expert_parallel(model: nn.Module, max_norm: float, info: Dist
     """Clip all gradients by their norm over the whole job: the shared parameters' (equal on every process after the
     DDP all-reduce) and every process's own experts'. A per-process norm would clip the shared parameters by
     different factors on different processes, and their replicas would drift apart. Returns the total norm."""
-    expert = _expert_grads(model)
-    expert_ids = {id(grad) for grad in expert}
-    shared = [p.grad for p in model.parameters() if p.grad is not None and id(p.grad) not in expert_ids]
+    grads = [(p.grad, getattr(p, "is_expert", False)) for p in model.parameters() if p.grad is not None]
+    expert = [grad for grad, is_expert in grads if is_expert]
+    shared = [grad for grad, is_expert in grads if not is_expert]
     zero = torch.zeros((), device=info.device)
     expert_sq = torch.nn.utils.get_total_norm(expert).float() ** 2 if expert else zero
     shared_sq = torch.nn.utils.get_total_norm(shared).float() ** 2 if shared else zero

@@ -330,16 +330,17 @@ def _train(cfg: TrainConfig, resume: Optional[Dict[str, Any]], info: DistInfo) -
     num_params = sum(p.numel() for p in model.parameters())
     if cfg.expert_parallel:
         shard_experts(model, info)  # before the optimiser and EMA take the parameters
+    expert_parallel = is_expert_parallel(model)
 
     # optimiser, precision, schedule, EMA
     global_batch = cfg.batch_size * cfg.grad_accum_steps * info.world_size
     lr = scaled_lr(cfg, global_batch)
     optimizer = _create_optimizer(cfg, model, lr)
-    if is_expert_parallel(model):
+    if expert_parallel:
         check_expert_parallel_optimizer(optimizer, cfg.opt)
     autocast = _autocast(cfg, info.device)
     scaler = torch.amp.GradScaler("cuda") if autocast is not nullcontext and cfg.amp_dtype == "float16" else None
-    if scaler is not None and is_expert_parallel(model):
+    if scaler is not None and expert_parallel:
         # the scaler skips a step on the processes whose own experts overflowed, and the replicas would drift apart
         raise GcvimoeError("expert_parallel does not support float16 mixed precision (its loss scaler decides per "
                            "process); use --amp-dtype bfloat16")
@@ -388,7 +389,7 @@ def _train(cfg: TrainConfig, resume: Optional[Dict[str, Any]], info: DistInfo) -
             cfg.model, num_params / 1e6, dataset, len(train_set), len(eval_set), data_cfg.num_classes,
             cfg.img_size, cfg.img_size, data_cfg.in_chans, info.world_size, info.device, global_batch, lr, output_dir)
         if cfg.expert_parallel:
-            if is_expert_parallel(model):
+            if expert_parallel:
                 layout = f"every process holds 1/{info.world_size} of each MoE layer's experts"
             else:
                 layout = "one process holds every expert" if info.world_size == 1 else "the model has no MoE layers"

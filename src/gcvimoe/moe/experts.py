@@ -120,6 +120,12 @@ def activation_into(act: nn.Module, pre_act: Tensor, out: Tensor) -> Tensor:
     return torch.ops.aten.gelu.out(pre_act, approximate=act.approximate, out=out)
 
 
+def _chunk_parts(start: int, segments: Tuple[Segment, ...]) -> List[Tuple[int, slice, bool]]:
+    """``(expert, rows, first)`` per segment of a chunk starting at row ``start``, ``rows`` relative to the chunk."""
+    return [(expert, slice(first_row - start, last_row - start), first)
+            for expert, first_row, last_row, first in segments]
+
+
 def _bias(bias: Optional[Tensor], expert: int) -> Optional[Tensor]:
     return None if bias is None else bias[expert]
 
@@ -139,15 +145,14 @@ def _expert_mlp_forward(x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, gates, to
         index = token_index[start:stop]
         rows = torch.index_select(x, 0, index, out=rows_buffer[:stop - start])
         pre_act = hidden_buffer[:stop - start] if hidden is None else hidden[chunk]
-        for expert, first_row, last_row, _ in segments:
-            part = slice(first_row - start, last_row - start)
+        parts = _chunk_parts(start, segments)
+        for expert, part, _ in parts:
             _linear(rows[part], fc1_weight[expert], _bias(fc1_bias, expert), out=pre_act[part])
         act_out = activation_into(act, pre_act, out=hidden_buffer[:stop - start])
         if hidden_keep < 1:  # inverted dropout: the 1 / keep scale rides on the fc2 GEMM
             act_out.mul_(_keep_mask(*act_out.shape, hidden_keep, x.device, out=None if masks is None else masks[chunk]))
         y = out_buffer[:stop - start]
-        for expert, first_row, last_row, _ in segments:
-            part = slice(first_row - start, last_row - start)
+        for expert, part, _ in parts:
             _linear(act_out[part], fc2_weight[expert], _bias(fc2_bias, expert), out=y[part], scale=1. / hidden_keep)
         if gates is not None:
             y.mul_(gates[start:stop].unsqueeze(1))
@@ -199,8 +204,7 @@ class _ExpertMLP(torch.autograd.Function):
         grad_rows_buffer = x.new_empty(rows, x.shape[1])
         for chunk, (start, stop, segments) in enumerate(ctx.chunks):
             index = token_index[start:stop]
-            parts = [(expert, slice(first_row - start, last_row - start), first)
-                     for expert, first_row, last_row, first in segments]
+            parts = _chunk_parts(start, segments)
             grad_y = grad_out.index_select(0, index)  # [c, d_out], unscaled by the gate
             pre_act = hidden[chunk]
             # fc2's input is fc2_in / keep: act(pre_act) (recomputed, cheaper than saving it) with the dropped zeroed

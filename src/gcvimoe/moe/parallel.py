@@ -147,6 +147,18 @@ def _is_expert_key(key: str) -> bool:
     return any(key.endswith(f'experts.{name}') for name in EXPERT_PARAM_NAMES)
 
 
+def _gather_experts(value: Tensor, group: Optional[dist.ProcessGroup]) -> Tensor:
+    """Every process's experts of ``value`` (experts first), concatenated in rank order; a collective."""
+    parts = [torch.empty_like(value) for _ in range(dist.get_world_size(group))]
+    dist.all_gather(parts, value.contiguous(), group=group)
+    return torch.cat(parts)
+
+
+def _local_experts(value: Tensor, rank: int, local: int) -> Tensor:
+    """Process ``rank``'s ``local`` experts of a tensor holding every expert (experts first)."""
+    return value[rank * local:(rank + 1) * local]
+
+
 def shard_expert_state_dict(state_dict: Dict[str, Tensor], rank: int, world_size: int) -> Dict[str, Tensor]:
     """The part of a full state dict that process ``rank`` of ``world_size`` expert-parallel processes loads.
 
@@ -157,8 +169,7 @@ def shard_expert_state_dict(state_dict: Dict[str, Tensor], rank: int, world_size
         if _is_expert_key(key):
             if value.shape[0] % world_size:
                 raise ValueError(f"{key} holds {value.shape[0]} experts, not divisible by {world_size} processes")
-            local = value.shape[0] // world_size
-            value = value[rank * local:(rank + 1) * local]
+            value = _local_experts(value, rank, value.shape[0] // world_size)
         shard[key] = value
     return shard
 
@@ -169,15 +180,7 @@ def gather_expert_state_dict(state_dict: Dict[str, Tensor], group: Optional[dist
 
     A collective: every process of ``group`` must call it, with the same keys.
     """
-    world_size = dist.get_world_size(group)
-    full = {}
-    for key, value in state_dict.items():
-        if _is_expert_key(key):
-            parts = [torch.empty_like(value) for _ in range(world_size)]
-            dist.all_gather(parts, value.contiguous(), group=group)
-            value = torch.cat(parts)
-        full[key] = value
-    return full
+    return {key: _gather_experts(value, group) if _is_expert_key(key) else value for key, value in state_dict.items()}
 
 
 def _expert_params_by_index(optimizer: torch.optim.Optimizer) -> Dict[int, Tensor]:
@@ -203,7 +206,6 @@ def gather_expert_optimizer_state(optimizer: torch.optim.Optimizer, group: Optio
     concatenated over the processes in rank order; scalars (``step``) are the same everywhere and kept. Any other
     tensor mixes the experts (Adafactor's column statistics of a ``[e, h]`` bias) and raises a ValueError.
     """
-    world_size = dist.get_world_size(group)
     state = optimizer.state_dict()
     packed = dict(state['state'])  # the per-parameter dicts are the optimiser's live state: copy before replacing
     for index, param in _expert_params_by_index(optimizer).items():
@@ -211,9 +213,7 @@ def gather_expert_optimizer_state(optimizer: torch.optim.Optimizer, group: Optio
         for name, value in full.items():
             if torch.is_tensor(value) and value.dim():
                 _check_per_expert(name, value, param.shape[0])
-                parts = [torch.empty_like(value) for _ in range(world_size)]
-                dist.all_gather(parts, value.contiguous(), group=group)
-                full[name] = torch.cat(parts)
+                full[name] = _gather_experts(value, group)
         if index in packed:
             packed[index] = full
     return dict(state, state=packed)
@@ -231,7 +231,7 @@ def shard_expert_optimizer_state(state_dict: Dict[str, Any], optimizer: torch.op
         for name, value in packed[index].items():
             if torch.is_tensor(value) and value.dim():
                 _check_per_expert(name, value, param.shape[0] * world_size)
-                value = value[rank * param.shape[0]:(rank + 1) * param.shape[0]]
+                value = _local_experts(value, rank, param.shape[0])
             local[name] = value
         packed[index] = local
     return dict(state_dict, state=packed)
