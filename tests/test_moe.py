@@ -378,13 +378,15 @@ def test_grouped_mm_path_matches_the_chunked_kernel():
         torch.testing.assert_close(chunked, grouped)
 
 
-# segments of 3, 4 and 2 rows: cut over several chunks (2), the last two sharing a chunk (6), all in one (2048)
+# segments of 3, 4 and 2 rows: cut over several chunks (2), the last two sharing a chunk (6), all in one (2048);
+# GELU takes the dropout into its saved input, tanh-GELU (whose derivative is NaN far left) keeps masks
 @pytest.mark.parametrize('chunk_rows', [2, 6, 2048])
-def test_chunked_kernel_gradcheck_with_dropout_and_chunk_boundaries(monkeypatch, chunk_rows):
+@pytest.mark.parametrize('approximate', ['none', 'tanh'])
+def test_chunked_kernel_gradcheck_with_dropout_and_chunk_boundaries(monkeypatch, chunk_rows, approximate):
     monkeypatch.setattr(experts_module, 'CHUNK_ROWS', chunk_rows)
     monkeypatch.setattr(experts_module, 'SHARED_CHUNK_ROWS', chunk_rows)
     torch.manual_seed(0)
-    experts = Experts(4, 8, 16, 8, drop=0.25, dtype=torch.float64)
+    experts = Experts(4, 8, 16, 8, drop=0.25, act_layer=lambda: nn.GELU(approximate=approximate), dtype=torch.float64)
     x, tokens_per_expert, token_index, gates = _expert_inputs(torch.float64)
     names = [name for name, _ in experts.named_parameters()]
 
@@ -483,6 +485,39 @@ def test_expert_dropout_mask_rate(keep):
     # no pattern along the four 16-bit lanes of a 64-bit word
     lanes = dropped.view(-1)[:1000 * 1000].view(-1, 4).float().mean(0)
     torch.testing.assert_close(lanes, torch.full((4,), 1 - keep), atol=5e-3, rtol=0)
+
+
+@pytest.mark.parametrize('act_layer, vanishes', [
+    (nn.GELU, True), (nn.ReLU, True), (nn.SiLU, True), (lambda: nn.GELU(approximate='tanh'), False),
+    (nn.Tanh, False),  # tanh(-max/2) = -1
+])
+def test_dropout_goes_into_the_pre_activation_only_where_the_activation_vanishes(act_layer, vanishes):
+    """With an activation that is 0 with a 0 derivative far left, a dropped hidden element is saved as -max/2 and no
+    mask is kept; either way the same elements are dropped for the same random state, with the same outputs and
+    gradients as masking by hand."""
+    act = act_layer()
+    assert experts_module.vanishes_far_left(act, torch.float32) is vanishes
+    torch.manual_seed(0)
+    experts = Experts(2, 8, 64, 8, act_layer=act_layer, expert_dropout=0.5).train()
+    x = torch.randn(40, 8, requires_grad=True)
+    tokens_per_expert, token_index = torch.tensor([25, 15]), torch.arange(40)
+    torch.manual_seed(1)
+    out = experts(x, tokens_per_expert, token_index)
+    saved = out.grad_fn.saved_tensors
+    assert any(t.dtype == torch.uint8 for t in saved if t is not None) is not vanishes
+    # the reference: the same random bits as a keep-mask, applied by hand over the plain layers
+    torch.manual_seed(1)
+    keep = experts_module._keep_mask(40, 64, 0.5, x.device).float()
+    reference = torch.cat([
+        (act(rows @ experts.fc1_weight[e] + experts.fc1_bias[e]) * keep[rows_slice] / 0.5) @ experts.fc2_weight[e]
+        + experts.fc2_bias[e]
+        for e, (rows, rows_slice) in enumerate(((x[:25], slice(0, 25)), (x[25:], slice(25, 40))))])
+    torch.testing.assert_close(out, reference)
+    grad = torch.randn_like(out)
+    torch.testing.assert_close(torch.autograd.grad(out, x, grad)[0], torch.autograd.grad(reference, x, grad)[0])
+    if vanishes:
+        hidden = [t for t in saved if t is not None and t.shape == (40, 64)]
+        assert len(hidden) == 1 and torch.equal(hidden[0] < -1e37, keep == 0)
 
 
 def test_outcome_without_autograd_is_computed_on_read(monkeypatch):

@@ -13,7 +13,8 @@ and little else, and holds about half its activation memory. On CUDA in bf16 the
 ``torch.nn.functional.grouped_mm`` calls.
 """
 import math
-from typing import Callable, Iterator, List, Optional, Tuple, Union
+import weakref
+from typing import Callable, Dict, Iterator, List, Optional, Tuple, Union
 
 import torch
 import torch.nn.functional as F
@@ -85,20 +86,64 @@ def _accumulate_sum(out: Tensor, rows: Tensor, first: bool) -> None:
         out += rows.sum(dim=0)
 
 
-def _keep_mask(rows: int, cols: int, keep: float, device: torch.device, out: Optional[Tensor] = None) -> Tensor:
-    """A dropout mask ``[rows, cols]`` of uint8, 1 where an element is kept (probability ``keep``), 0 where dropped.
+def _random_bits(rows: int, cols: int, keep: float, device: torch.device) -> Tuple[Tensor, int]:
+    """Random int16 values ``[rows, cols]`` and the threshold below which a share ``keep`` of them lies.
 
-    Made from 16 random bits per element: on the CPU ``bernoulli_`` draws one random number per element and was
-    measured at 9.7 ms for 1568 x 768, four elements per 64-bit draw at 2.1 ms. ``keep`` is rounded to a multiple of
-    2^-16 (0.9 becomes 0.900009). uint8 rather than bool: multiplying by it is about 4x faster than
-    ``masked_fill_`` with a bool mask on the CPU, and the comparison writes it 5x faster than a bool.
+    16 random bits per element: on the CPU ``bernoulli_`` draws one random number per element and was measured at
+    9.7 ms for 1568 x 768, four elements per 64-bit draw at 2.1 ms. ``keep`` is rounded to a multiple of 2^-16 (0.9
+    becomes 0.900009).
     """
     count = rows * cols
     words = torch.randint(-2 ** 63, 2 ** 63 - 1, ((count + 3) // 4,), dtype=torch.int64, device=device)
-    threshold = round(keep * 65536) - 32768  # a share ``keep`` of the int16 values lies below it
+    return words.view(torch.int16)[:count].view(rows, cols), round(keep * 65536) - 32768
+
+
+def _keep_mask(rows: int, cols: int, keep: float, device: torch.device, out: Optional[Tensor] = None) -> Tensor:
+    """A dropout mask ``[rows, cols]`` of uint8, 1 where an element is kept (probability ``keep``), 0 where dropped.
+
+    uint8 rather than bool: multiplying by it is about 4x faster than ``masked_fill_`` with a bool mask on the CPU,
+    and the comparison writes it 5x faster than a bool.
+    """
+    bits, threshold = _random_bits(rows, cols, keep, device)
     if out is None:
         out = torch.empty(rows, cols, dtype=torch.uint8, device=device)
-    return torch.lt(words.view(torch.int16)[:count].view(rows, cols), threshold, out=out)
+    return torch.lt(bits, threshold, out=out)
+
+
+def _drop_by_pre_activation(pre_act: Tensor, keep: float, scratch: Tensor) -> None:
+    """Dropout of ``act(pre_act)`` applied to ``pre_act`` itself: a dropped element becomes ``-max / 2`` (plus its
+    value) of its dtype, where the activation and its derivative are exactly 0 (see :func:`vanishes_far_left`).
+
+    The saved fc1 output then carries the dropout: backward recomputes the activation and its gradient with the
+    dropped elements already 0, so no mask is saved or multiplied (a uint8 mask cost a conversion per multiply, three
+    per chunk). ``scratch`` (``pre_act``'s shape and dtype) receives the drop mask, from the random bits of
+    :func:`_keep_mask`.
+    """
+    bits, threshold = _random_bits(*pre_act.shape, keep, pre_act.device)
+    drop = torch.ge(bits, threshold, out=scratch)
+    pre_act.add_(drop, alpha=-torch.finfo(pre_act.dtype).max / 2)  # a kept element gains exactly 0
+
+
+_VANISHES_FAR_LEFT: 'weakref.WeakKeyDictionary[nn.Module, Dict[tuple, bool]]' = weakref.WeakKeyDictionary()
+
+
+def _vanishes_far_left_cached(act: nn.Module, dtype: torch.dtype, device: torch.device) -> bool:
+    answers = _VANISHES_FAR_LEFT.setdefault(act, {})
+    if (dtype, device) not in answers:
+        answers[dtype, device] = vanishes_far_left(act, dtype, device)
+    return answers[dtype, device]
+
+
+def vanishes_far_left(act: nn.Module, dtype: torch.dtype, device: Union[str, torch.device] = 'cpu') -> bool:
+    """Whether ``act`` and its derivative are exactly 0 at ``-max / 2`` of ``dtype`` (true of GELU, ReLU, SiLU; not
+    of tanh-approximated GELU, whose derivative is NaN there). A dropped pre-activation is ``-max / 2`` plus its
+    value, so this also takes ``|value| < max / 2`` (in float16: below 32752)."""
+    x = torch.full((16,), -torch.finfo(dtype).max / 2, dtype=dtype, device=device, requires_grad=True)  # 16 elements
+    # reach the vectorised kernels
+    with torch.enable_grad():
+        y = act(x)
+        (grad,) = torch.autograd.grad(y.sum(), x)
+    return bool((y == 0).all() and (grad == 0).all())
 
 
 def _activation_backward(act: nn.Module, pre_act: Tensor, grad: Tensor) -> Tensor:
@@ -132,8 +177,8 @@ def _bias(bias: Optional[Tensor], expert: int) -> Optional[Tensor]:
 
 def _expert_mlp_forward(x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, gates, token_index, chunks, act, hidden_keep,
                         hidden=None, masks=None):
-    """Forward of :class:`_ExpertMLP`; fills ``hidden`` (fc1 outputs) and ``masks`` (dropout), one tensor per chunk,
-    when given."""
+    """Forward of :class:`_ExpertMLP`; fills ``hidden`` (fc1 outputs) when given, one tensor per chunk. Dropout goes
+    into ``hidden`` (:func:`_drop_by_pre_activation`) when given without ``masks``, else into ``masks`` when given."""
     out = x.new_zeros(x.shape[0], fc2_weight.shape[-1])
     # chunk-sized scratch buffers, reused so that every chunk's temporaries stay in cache and cost no page faults
     rows_buffer = x.new_empty(CHUNK_ROWS, x.shape[1])
@@ -148,8 +193,12 @@ def _expert_mlp_forward(x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, gates, to
         parts = _chunk_parts(start, segments)
         for expert, part, _ in parts:
             _linear(rows[part], fc1_weight[expert], _bias(fc1_bias, expert), out=pre_act[part])
+        # inverted dropout: the 1 / keep scale rides on the fc2 GEMM
+        drop_in_pre_act = hidden_keep < 1 and hidden is not None and masks is None
+        if drop_in_pre_act:
+            _drop_by_pre_activation(pre_act, hidden_keep, scratch=hidden_buffer[:stop - start])
         act_out = activation_into(act, pre_act, out=hidden_buffer[:stop - start])
-        if hidden_keep < 1:  # inverted dropout: the 1 / keep scale rides on the fc2 GEMM
+        if hidden_keep < 1 and not drop_in_pre_act:
             act_out.mul_(_keep_mask(*act_out.shape, hidden_keep, x.device, out=None if masks is None else masks[chunk]))
         y = out_buffer[:stop - start]
         for expert, part, _ in parts:
@@ -163,8 +212,9 @@ def _expert_mlp_forward(x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, gates, to
 class _ExpertMLP(torch.autograd.Function):
     """``out[t] = sum over rows r of token t: gate_r * fc2_e(drop(act(fc1_e(x[t]))))``, chunk by chunk.
 
-    Saved for backward: the input (not a gathered copy), the weights, the fc1 outputs and the dropout keep-masks. The
-    gate's gradient comes from the fc2 input-gradient GEMM, so no output is saved either.
+    Saved for backward: the input (not a gathered copy), the weights and the fc1 outputs, which carry the dropout (or,
+    for an activation that does not vanish far left, dropout keep-masks beside them). The gate's gradient comes from
+    the fc2 input-gradient GEMM, so no output is saved either.
     """
 
     @staticmethod
@@ -172,7 +222,9 @@ class _ExpertMLP(torch.autograd.Function):
         # one tensor per chunk rather than one [n, h] tensor: a tensor over glibc's largest mmap threshold (32 MiB,
         # n > 10922 rows at h = 768) is mapped afresh on every step, and its first touch page-faults every 4 KiB
         hidden = [x.new_empty(stop - start, fc1_weight.shape[-1]) for start, stop, _ in chunks]
-        masks = [torch.empty(h.shape, dtype=torch.uint8, device=x.device) for h in hidden] if hidden_keep < 1 else []
+        masks = []
+        if hidden_keep < 1 and not _vanishes_far_left_cached(act, x.dtype, x.device):
+            masks = [torch.empty(h.shape, dtype=torch.uint8, device=x.device) for h in hidden]
         out = _expert_mlp_forward(x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, gates, token_index, chunks, act,
                                   hidden_keep, hidden=hidden, masks=masks or None)
         ctx.save_for_backward(x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, gates, token_index, *hidden, *masks)
