@@ -3,12 +3,15 @@
     python benchmarks/model.py [--batch 8] [--rounds 7]
 
 Targets: the MoE model costs at most 1.10x our dense model, and is at least as fast as timm's dense gcvit_tiny,
-for a train step (forward + cross-entropy + aux loss + backward) and for inference. Timings are interleaved and
-reduced by the median; the dropped fraction of the MoE model's last train step is printed beside its ratios.
+for a train step (forward + cross-entropy + aux loss + backward) and for inference. Timings are interleaved; a ratio
+is given as the ratio of the models' median times and, in brackets, as the median of the per-round ratios (each
+round times the three models back to back, so that one cancels the machine's slower spells). The dropped fraction of
+the MoE model's last train step is printed beside the ratios.
 """
 import argparse
 import functools
 import os
+import statistics
 import sys
 
 import timm
@@ -62,11 +65,14 @@ def main() -> None:
                                   rounds=args.rounds)
         seconds = {label: median(t) for label, t in times.items()}
         moe, dense, ref = (seconds[label] for label in MODELS)
+        moe_times, dense_times, ref_times = (times[label] for label in MODELS)
+        paired = [statistics.median(m / o for m, o in zip(moe_times, other)) for other in (dense_times, ref_times)]
         # the last timed step's routing (train: capacity 1.25; inference: dropless)
         dropped = collect_moe_report(models['gcvimoe_tiny E=8 k=1']).summary().get('dropped_fraction', 0.0)
         print(f"| {'train step' if train else 'inference'} | "
               + ' | '.join(f'{args.batch / s:.2f}' for s in seconds.values())
-              + f" | **{moe / dense:.3f}** | **{moe / ref:.3f}** | {dropped:.3f} |", flush=True)
+              + f" | **{moe / dense:.3f}** ({paired[0]:.3f}) | **{moe / ref:.3f}** ({paired[1]:.3f}) | {dropped:.3f} |",
+              flush=True)
 
 
 if __name__ == '__main__':
