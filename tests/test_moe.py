@@ -400,11 +400,14 @@ def test_chunked_kernel_gradcheck_with_dropout_and_chunk_boundaries(monkeypatch,
 @pytest.mark.parametrize('backend', ['aot_eager', pytest.param('inductor', marks=pytest.mark.slow)])
 def test_torch_compile_matches_eager(backend):
     torch.manual_seed(0)
-    layer = MoE(8, 16, num_experts=4, top_k=2, capacity_factor=1.0)
+    # with expert dropout the kernel probes its activation on first use; inductor draws random numbers its own way
+    layer = MoE(8, 16, num_experts=4, top_k=2, capacity_factor=1.0, expert_dropout=0.3 if backend == 'aot_eager' else 0)
     x = torch.randn(2, 12, 8, requires_grad=True)
     grad = torch.randn(2, 12, 8)
+    torch.manual_seed(1)
     compiled_out = torch.compile(layer, backend=backend)(x)
     (compiled_grad,) = torch.autograd.grad(compiled_out, x, grad)
+    torch.manual_seed(1)
     out = layer(x)
     (eager_grad,) = torch.autograd.grad(out, x, grad)
     torch.testing.assert_close(compiled_out, out)
