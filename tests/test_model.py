@@ -220,3 +220,20 @@ def test_checkpoint_of_another_expert_count_or_variant(tmp_path):
     dense = create_model('gcvimoe_nano', num_classes=10, num_experts=0)
     with pytest.raises(GcvimoeError, match='MoE layers at none but the model at'):
         load_weights(four, dense.state_dict())
+
+
+def test_grad_checkpointing_with_expert_dropout_gives_the_same_gradients():
+    """Non-reentrant checkpointing recomputes every block (MoE layers with expert dropout included) in backward and
+    needs the same tensors saved both times, and the same dropout masks (it restores the random state)."""
+    model = timm.create_model('gcvimoe_nano', num_classes=4, expert_dropout=0.3).train()
+    x = torch.randn(2, 1, 32, 32)
+    grads = []
+    for checkpointing in (True, False):  # checkpointed first: a fresh model, nothing cached from a plain pass
+        model.set_grad_checkpointing(checkpointing)
+        model.zero_grad()
+        torch.manual_seed(0)
+        (model(x).sum() + sum(layer.aux_loss for _, layer in moe_layers(model))).backward()
+        grads.append({n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None})
+    assert grads[0].keys() == grads[1].keys()
+    for name in grads[0]:
+        torch.testing.assert_close(grads[0][name], grads[1][name], msg=name)

@@ -490,37 +490,59 @@ def test_expert_dropout_mask_rate(keep):
     torch.testing.assert_close(lanes, torch.full((4,), 1 - keep), atol=5e-3, rtol=0)
 
 
-@pytest.mark.parametrize('act_layer, vanishes', [
-    (nn.GELU, True), (nn.ReLU, True), (nn.SiLU, True), (lambda: nn.GELU(approximate='tanh'), False),
-    (nn.Tanh, False),  # tanh(-max/2) = -1
+@pytest.mark.parametrize('act_layer, in_pre_activation', [
+    (nn.GELU, True), (nn.ReLU, False), (lambda: nn.GELU(approximate='tanh'), False),
 ])
-def test_dropout_goes_into_the_pre_activation_only_where_the_activation_vanishes(act_layer, vanishes):
-    """With an activation that is 0 with a 0 derivative far left, a dropped hidden element is saved as -max/2 and no
-    mask is kept; either way the same elements are dropped for the same random state, with the same outputs and
-    gradients as masking by hand."""
-    act = act_layer()
-    assert experts_module.vanishes_far_left(act, torch.float32) is vanishes
+def test_dropout_goes_into_the_saved_gelu_input_and_matches_masking_by_hand(act_layer, in_pre_activation):
+    """With exact GELU a dropped hidden element is saved as -max/2 and no mask is kept; with other activations a mask
+    is kept. Either way the same elements are dropped for the same random state, with the outputs and gradients of
+    masking by hand."""
     torch.manual_seed(0)
     experts = Experts(2, 8, 64, 8, act_layer=act_layer, expert_dropout=0.5).train()
     x = torch.randn(40, 8, requires_grad=True)
     tokens_per_expert, token_index = torch.tensor([25, 15]), torch.arange(40)
     torch.manual_seed(1)
     out = experts(x, tokens_per_expert, token_index)
-    saved = out.grad_fn.saved_tensors
-    assert any(t.dtype == torch.uint8 for t in saved if t is not None) is not vanishes
+    saved = [t for t in out.grad_fn.saved_tensors if t is not None]
+    assert any(t.dtype == torch.uint8 for t in saved) is not in_pre_activation
     # the reference: the same random bits as a keep-mask, applied by hand over the plain layers
     torch.manual_seed(1)
     keep = experts_module._keep_mask(40, 64, 0.5, x.device).float()
     reference = torch.cat([
-        (act(rows @ experts.fc1_weight[e] + experts.fc1_bias[e]) * keep[rows_slice] / 0.5) @ experts.fc2_weight[e]
+        (experts.act(rows @ experts.fc1_weight[e] + experts.fc1_bias[e]) * keep[part] / 0.5) @ experts.fc2_weight[e]
         + experts.fc2_bias[e]
-        for e, (rows, rows_slice) in enumerate(((x[:25], slice(0, 25)), (x[25:], slice(25, 40))))])
+        for e, (rows, part) in enumerate(((x[:25], slice(0, 25)), (x[25:], slice(25, 40))))])
     torch.testing.assert_close(out, reference)
     grad = torch.randn_like(out)
     torch.testing.assert_close(torch.autograd.grad(out, x, grad)[0], torch.autograd.grad(reference, x, grad)[0])
-    if vanishes:
-        hidden = [t for t in saved if t is not None and t.shape == (40, 64)]
-        assert len(hidden) == 1 and torch.equal(hidden[0] < -1e37, keep == 0)
+    if in_pre_activation:
+        (hidden,) = [t for t in saved if t.shape == (40, 64)]
+        torch.testing.assert_close(hidden[keep == 0], torch.full_like(hidden[keep == 0], -torch.finfo().max / 2))
+
+
+@pytest.mark.parametrize('dtype', [torch.bfloat16, torch.float32, torch.float64])
+def test_gelu_and_its_derivative_are_zero_at_the_dropout_sentinel(dtype):
+    pre_act = torch.tensor([1e4, -1e4, 3., -3., 0.] * 8, dtype=dtype).view(8, 5)
+    kept = pre_act.clone()
+    torch.manual_seed(0)
+    experts_module._drop_by_pre_activation(pre_act, 0.5, scratch=torch.empty_like(pre_act))
+    dropped = pre_act == -torch.finfo(dtype).max / 2
+    assert 0 < dropped.sum() < dropped.numel()
+    torch.testing.assert_close(pre_act[~dropped], kept[~dropped], rtol=0, atol=0)  # kept elements gain exactly 0
+    grad = torch.ops.aten.gelu_backward(torch.ones_like(pre_act), pre_act)
+    assert (torch.nn.functional.gelu(pre_act)[dropped] == 0).all() and (grad[dropped] == 0).all()
+    # float16's max / 2 is 32752, within reach of real pre-activations: it keeps masks
+    assert not experts_module._drops_in_pre_activation(nn.GELU(), torch.float16)
+    assert experts_module._drops_in_pre_activation(nn.GELU(), dtype)
+
+
+def test_a_dropout_rate_below_16_bit_resolution_drops_nothing():
+    assert experts_module.dropout_keep(0.1) == 58982 / 65536 and experts_module.dropout_keep(1e-6) == 1.
+    torch.manual_seed(0)
+    experts = Experts(2, 8, 16, 8, expert_dropout=1e-6)
+    x, tokens_per_expert, token_index = torch.randn(6, 8), torch.tensor([4, 2]), torch.arange(6)
+    torch.testing.assert_close(experts.train()(x, tokens_per_expert, token_index),
+                               experts.eval()(x, tokens_per_expert, token_index))
 
 
 def test_outcome_without_autograd_is_computed_on_read(monkeypatch):
