@@ -400,7 +400,7 @@ def test_chunked_kernel_gradcheck_with_dropout_and_chunk_boundaries(monkeypatch,
 @pytest.mark.parametrize('backend', ['aot_eager', pytest.param('inductor', marks=pytest.mark.slow)])
 def test_torch_compile_matches_eager(backend):
     torch.manual_seed(0)
-    # with expert dropout the kernel probes its activation on first use; inductor draws random numbers its own way
+    # with expert dropout (saved in the GELU input) under aot_eager; inductor draws random numbers its own way
     layer = MoE(8, 16, num_experts=4, top_k=2, capacity_factor=1.0, expert_dropout=0.3 if backend == 'aot_eager' else 0)
     x = torch.randn(2, 12, 8, requires_grad=True)
     grad = torch.randn(2, 12, 8)
