@@ -171,7 +171,8 @@ def _bias(bias: Optional[Tensor], expert: int) -> Optional[Tensor]:
 def _expert_mlp_forward(x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, gates, token_index, chunks, act, hidden_keep,
                         hidden=None, masks=None):
     """Forward of :class:`_ExpertMLP`; fills ``hidden`` (fc1 outputs) when given, one tensor per chunk. Dropout goes
-    into ``hidden`` (:func:`_drop_by_pre_activation`) when given without ``masks``, else into ``masks`` when given."""
+    into ``hidden`` (:func:`_drop_by_pre_activation`) when given without ``masks`` and the activation allows it, else
+    into ``masks`` when given."""
     out = x.new_zeros(x.shape[0], fc2_weight.shape[-1])
     # chunk-sized scratch buffers, reused so that every chunk's temporaries stay in cache and cost no page faults
     rows_buffer = x.new_empty(CHUNK_ROWS, x.shape[1])
@@ -187,7 +188,8 @@ def _expert_mlp_forward(x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, gates, to
         for expert, part, _ in parts:
             _linear(rows[part], fc1_weight[expert], _bias(fc1_bias, expert), out=pre_act[part])
         # inverted dropout: the 1 / keep scale rides on the fc2 GEMM
-        drop_in_pre_act = hidden_keep < 1 and hidden is not None and masks is None
+        drop_in_pre_act = (hidden_keep < 1 and hidden is not None and masks is None
+                           and _drops_in_pre_activation(act, x.dtype))
         if drop_in_pre_act:
             _drop_by_pre_activation(pre_act, hidden_keep, scratch=hidden_buffer[:stop - start])
         act_out = activation_into(act, pre_act, out=hidden_buffer[:stop - start])
