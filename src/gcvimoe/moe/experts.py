@@ -180,6 +180,8 @@ def _expert_mlp_forward(x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, gates, to
     # the activation's output
     hidden_buffer = x.new_empty(CHUNK_ROWS, fc1_weight.shape[-1])
     out_buffer = x.new_empty(CHUNK_ROWS, fc2_weight.shape[-1])
+    drop_in_pre_act = (hidden_keep < 1 and hidden is not None and masks is None
+                       and _drops_in_pre_activation(act, x.dtype))
     for chunk, (start, stop, segments) in enumerate(chunks):
         index = token_index[start:stop]
         rows = torch.index_select(x, 0, index, out=rows_buffer[:stop - start])
@@ -188,8 +190,6 @@ def _expert_mlp_forward(x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, gates, to
         for expert, part, _ in parts:
             _linear(rows[part], fc1_weight[expert], _bias(fc1_bias, expert), out=pre_act[part])
         # inverted dropout: the 1 / keep scale rides on the fc2 GEMM
-        drop_in_pre_act = (hidden_keep < 1 and hidden is not None and masks is None
-                           and _drops_in_pre_activation(act, x.dtype))
         if drop_in_pre_act:
             _drop_by_pre_activation(pre_act, hidden_keep, scratch=hidden_buffer[:stop - start])
         act_out = activation_into(act, pre_act, out=hidden_buffer[:stop - start])
