@@ -49,3 +49,26 @@ def test_biased_attention_value_gradient_alone():
     v.requires_grad_()
     biased_attention(q, k, v, bias, 0.5).square().sum().backward()
     torch.testing.assert_close(v.grad, expected.grad)
+
+
+@pytest.mark.parametrize('window, table_window', [((7, 7), (7, 7)), ((3, 5), (3, 5)), ((2, 4), (3, 5)), ((1, 1), (7, 7))],
+                         ids=str)
+def test_relative_bias_equals_gathering_the_table(window, table_window):
+    """The bias and its table gradient (two one-hot GEMMs) against indexing the table by hand, pair by pair."""
+    from gcvimoe.models.gcvit import RelativePositionBias
+    torch.manual_seed(0)
+    heads = 3
+    rel_pos = RelativePositionBias(table_window, heads).double()
+    table = rel_pos.relative_position_bias_table
+    coords = [(y, x) for y in range(window[0]) for x in range(window[1])]
+    rows = torch.tensor([[(yi - yj + table_window[0] - 1) * (2 * table_window[1] - 1) + xi - xj + table_window[1] - 1
+                          for yj, xj in coords] for yi, xi in coords])
+    expected = table[rows].permute(2, 0, 1).unsqueeze(0)  # autograd's gather and scatter-add
+    actual = rel_pos(window, torch.float64)
+    assert actual.shape == expected.shape == (1, heads, len(coords), len(coords))
+    assert torch.equal(actual, expected)
+    grad = torch.randn(2, heads, len(coords), len(coords), dtype=torch.float64)  # batch-broadcast, as attention adds it
+    expected_grad, = torch.autograd.grad(expected.expand_as(grad), table, grad)
+    actual_grad, = torch.autograd.grad(actual.expand_as(grad), table, grad)
+    torch.testing.assert_close(actual_grad, expected_grad, rtol=1e-12, atol=1e-12)
+    assert (expected_grad == 0).any() == (window != table_window)  # a smaller window leaves offsets untouched

@@ -9,6 +9,8 @@ not allocated, hence not page-faulted in again after glibc trims its heap (0.93x
 Gradients equal the plain ops' to rounding. The CPU flash kernel of ``F.scaled_dot_product_attention`` is slower
 still in backward at these sizes, so inference keeps SDPA and training uses this.
 """
+import math
+
 import torch
 from torch import Tensor
 
@@ -63,3 +65,46 @@ def biased_attention(q: Tensor, k: Tensor, v: Tensor, bias: Tensor, scale: float
         ``[b, h, n, d]``.
     """
     return _BiasedAttention.apply(q, k, v, bias, scale)
+
+
+def relative_offset_one_hot(size: int, table_size: int, device=None, dtype=None) -> Tensor:
+    """``[size * size, 2 * table_size - 1]``: row ``(i, j)`` is the one-hot of offset ``i - j`` on a table that spans
+    the offsets of a ``table_size`` window (``-(table_size - 1)`` at column 0)."""
+    pos = torch.arange(size, device=device)
+    offsets = (pos[:, None] - pos[None, :] + table_size - 1).reshape(-1, 1)
+    return (offsets == torch.arange(2 * table_size - 1, device=device)).to(dtype)
+
+
+class _RelativeBias(torch.autograd.Function):
+
+    @staticmethod
+    def forward(ctx, table, index, one_hot_y, one_hot_x):
+        n = math.isqrt(index.numel())
+        ctx.save_for_backward(one_hot_y, one_hot_x)
+        # [heads, n * n]: the bias the attention adds to every window is contiguous
+        return torch.index_select(table.t(), 1, index).view(1, table.shape[1], n, n)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad):
+        one_hot_y, one_hot_x = ctx.saved_tensors
+        wh, ww = math.isqrt(one_hot_y.shape[0]), math.isqrt(one_hot_x.shape[0])
+        heads = grad.shape[1]
+        # the offset (dy, dx) of token pair ((yi, xi), (yj, xj)) splits into yi - yj and xi - xj: sum over the x pairs
+        # of each offset dx, then over the y pairs of each dy (two small GEMMs; a scatter-add is about 5x slower)
+        g = grad.sum(0).view(heads, wh, ww, wh, ww).permute(0, 1, 3, 2, 4).reshape(heads * wh * wh, ww * ww)
+        by_dx = torch.mm(g, one_hot_x).view(heads, wh * wh, -1)
+        by_offset = torch.matmul(one_hot_y.t(), by_dx)  # [heads, 2 Wh - 1, 2 Ww - 1]
+        return by_offset.reshape(heads, -1).t().contiguous(), None, None, None
+
+
+def relative_bias(table: Tensor, index: Tensor, one_hot_y: Tensor, one_hot_x: Tensor) -> Tensor:
+    """The relative position bias ``[1, heads, n, n]`` of a ``wh x ww`` window (n = wh * ww tokens).
+
+    ``bias[h, i, j] = table[index[i * n + j], h]``, with the index of offset ``(dy, dx)`` equal to
+    ``(dy + Wh - 1) * (2 Ww - 1) + dx + Ww - 1`` on a table of ``(2 Wh - 1) * (2 Ww - 1)`` rows (timm's layout; the
+    window may be smaller than the table's ``Wh x Ww``). The backward sums the gradient into the table with
+    ``one_hot_y`` (``[wh * wh, 2 Wh - 1]``) and ``one_hot_x`` (``[ww * ww, 2 Ww - 1]``) from
+    :func:`relative_offset_one_hot` instead of scatter-adding it.
+    """
+    return _RelativeBias.apply(table, index, one_hot_y, one_hot_x)

@@ -40,7 +40,7 @@ from timm.models import build_model_with_cfg, generate_default_cfgs, register_mo
 from timm.models._features import feature_take_indices
 
 from gcvimoe.errors import GcvimoeError
-from gcvimoe.models.attention import biased_attention
+from gcvimoe.models.attention import biased_attention, relative_bias, relative_offset_one_hot
 from gcvimoe.models.placement import MoEPlacement, resolve_moe_blocks
 from gcvimoe.moe.experts import activation_into
 
@@ -137,24 +137,28 @@ class RelativePositionBias(nn.Module):
         num_offsets = (2 * self.window_size[0] - 1) * (2 * self.window_size[1] - 1)
         self.relative_position_bias_table = nn.Parameter(
             torch.empty(num_offsets, num_heads, device=device, dtype=dtype))
-        self._index_cache: Dict[Tuple[int, int], torch.Tensor] = {}
+        self._index_cache: Dict[tuple, tuple] = {}
         self._bias_cache: Optional[tuple] = None
         trunc_normal_(self.relative_position_bias_table, std=.02)
 
-    def _index(self, window: Tuple[int, int], device: torch.device) -> torch.Tensor:
-        index = self._index_cache.get(window)
-        if index is None or index.device != device:
+    def _index(self, window: Tuple[int, int], device: torch.device, dtype: torch.dtype) -> tuple:
+        """The table row of every token pair of a ``window``, and the one-hot offsets the backward sums with."""
+        key = (window, device, dtype)
+        index = self._index_cache.get(key)
+        if index is None:
             if window == self.window_size:
-                index = gen_relative_position_index(window, device=device).view(-1)
+                rows = gen_relative_position_index(window, device=device).view(-1)
             else:
                 # offsets of the smaller window, laid out on the configured window's table
                 coords = torch.stack(torch.meshgrid(
                     torch.arange(window[0], device=device), torch.arange(window[1], device=device), indexing='ij',
                 )).flatten(1)
                 rel = coords[:, :, None] - coords[:, None, :]
-                index = ((rel[0] + self.window_size[0] - 1) * (2 * self.window_size[1] - 1)
-                         + rel[1] + self.window_size[1] - 1).view(-1)
-            self._index_cache[window] = index
+                rows = ((rel[0] + self.window_size[0] - 1) * (2 * self.window_size[1] - 1)
+                        + rel[1] + self.window_size[1] - 1).view(-1)
+            index = (rows, *(relative_offset_one_hot(size, table_size, device, dtype)
+                             for size, table_size in zip(window, self.window_size)))
+            self._index_cache[key] = index
         return index
 
     def forward(self, window: Tuple[int, int], dtype: torch.dtype) -> torch.Tensor:
@@ -164,13 +168,8 @@ class RelativePositionBias(nn.Module):
         cache_key = (window, dtype, table.device, table._version)
         if not torch.is_grad_enabled() and self._bias_cache is not None and self._bias_cache[0] == cache_key:
             return self._bias_cache[1]
-        n = window[0] * window[1]
-        # index_select, not table[index]: its backward is an index_add, about half the cost of an index_put
-        bias = torch.index_select(table, 0, self._index(window, table.device))
-        bias = bias.view(n, n, self.num_heads).permute(2, 0, 1).unsqueeze(0)
-        bias = bias.to(dtype)
+        bias = relative_bias(table, *self._index(window, table.device, table.dtype)).to(dtype)
         if not torch.is_grad_enabled():
-            bias = bias.contiguous()
             self._bias_cache = (cache_key, bias)
         return bias
 
