@@ -1,6 +1,6 @@
 """gcvimoe_tiny (8 experts, top-1) vs our dense tiny vs timm's gcvit_tiny: one process, 224 px, fp32 CPU.
 
-    python benchmarks/model.py [--batch 8] [--rounds 7]
+    python benchmarks/model.py [--batch 8 [16 32 ...]] [--rounds 7]
 
 Targets: the MoE model costs at most 1.10x our dense model, and is at least as fast as timm's dense gcvit_tiny,
 for a train step (forward + cross-entropy + aux loss + backward) and for inference. Timings are interleaved; a ratio
@@ -44,14 +44,20 @@ def train_step(model, x, y) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument('--batch', type=int, default=8)
+    parser.add_argument('--batch', type=int, nargs='+', default=[8],
+                        help="batch sizes, one table each (the MoE overhead shrinks as tokens per expert grow)")
     parser.add_argument('--rounds', type=int, default=7)
     args = parser.parse_args()
+    for batch in args.batch:
+        run(batch, args.rounds)
+
+
+def run(batch: int, rounds: int) -> None:
     torch.manual_seed(0)
-    x = torch.randn(args.batch, 3, 224, 224)
-    y = torch.randint(0, 1000, (args.batch,))
-    print(f"# model: fp32 CPU ({torch.get_num_threads()} threads), batch {args.batch}, 224 px, "
-          f"median of {args.rounds} interleaved rounds")
+    x = torch.randn(batch, 3, 224, 224)
+    y = torch.randint(0, 1000, (batch,))
+    print(f"# model: fp32 CPU ({torch.get_num_threads()} threads), batch {batch}, 224 px, "
+          f"median of {rounds} interleaved rounds")
     print('| mode | ' + ' | '.join(f'{name} img/s' for name in MODELS) +
           ' | MoE / our dense (time) | MoE / timm dense (time) | MoE dropped fraction |')
     print('|---|' + '---|' * (len(MODELS) + 3))
@@ -62,7 +68,7 @@ def main() -> None:
             models[label] = timm.create_model(name, **kwargs).train(train)
         step = train_step if train else infer_step
         times = interleaved_times({label: functools.partial(step, m, x, y) for label, m in models.items()},
-                                  rounds=args.rounds)
+                                  rounds=rounds)
         seconds = {label: median(t) for label, t in times.items()}
         moe, dense, ref = (seconds[label] for label in MODELS)
         moe_times, dense_times, ref_times = (times[label] for label in MODELS)
@@ -70,10 +76,9 @@ def main() -> None:
         # the last timed step's routing (train: capacity 1.25; inference: dropless)
         dropped = collect_moe_report(models['gcvimoe_tiny E=8 k=1']).summary().get('dropped_fraction', 0.0)
         print(f"| {'train step' if train else 'inference'} | "
-              + ' | '.join(f'{args.batch / s:.2f}' for s in seconds.values())
+              + ' | '.join(f'{batch / s:.2f}' for s in seconds.values())
               + f" | **{moe / dense:.3f}** ({paired[0]:.3f}) | **{moe / ref:.3f}** ({paired[1]:.3f}) | {dropped:.3f} |",
               flush=True)
-
 
 if __name__ == '__main__':
     main()
