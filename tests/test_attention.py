@@ -51,8 +51,8 @@ def test_biased_attention_value_gradient_alone():
     torch.testing.assert_close(v.grad, expected.grad)
 
 
-@pytest.mark.parametrize('window, table_window', [((7, 7), (7, 7)), ((3, 5), (3, 5)), ((2, 4), (3, 5)), ((1, 1), (7, 7))],
-                         ids=str)
+@pytest.mark.parametrize('window, table_window',
+                         [((7, 7), (7, 7)), ((3, 5), (3, 5)), ((2, 4), (3, 5)), ((1, 1), (7, 7))], ids=str)
 def test_relative_bias_equals_gathering_the_table(window, table_window):
     """The bias and its table gradient (two one-hot GEMMs) against indexing the table by hand, pair by pair."""
     from gcvimoe.models.gcvit import RelativePositionBias
@@ -67,8 +67,9 @@ def test_relative_bias_equals_gathering_the_table(window, table_window):
     actual = rel_pos(window, torch.float64)
     assert actual.shape == expected.shape == (1, heads, len(coords), len(coords))
     assert torch.equal(actual, expected)
-    grad = torch.randn(2, heads, len(coords), len(coords), dtype=torch.float64)  # batch-broadcast, as attention adds it
-    expected_grad, = torch.autograd.grad(expected.expand_as(grad), table, grad)
-    actual_grad, = torch.autograd.grad(actual.expand_as(grad), table, grad)
-    torch.testing.assert_close(actual_grad, expected_grad, rtol=1e-12, atol=1e-12)
-    assert (expected_grad == 0).any() == (window != table_window)  # a smaller window leaves offsets untouched
+    for batch in (1, 2):  # the attention sums the bias's gradient over the batch, or broadcasts it over two
+        grad = torch.randn(batch, heads, len(coords), len(coords), dtype=torch.float64)
+        expected_grad, = torch.autograd.grad(expected.expand_as(grad), table, grad, retain_graph=True)
+        actual_grad, = torch.autograd.grad(actual.expand_as(grad), table, grad, retain_graph=True)
+        torch.testing.assert_close(actual_grad, expected_grad, rtol=1e-12, atol=1e-12)
+        assert (expected_grad == 0).any() == (window != table_window)  # a smaller window leaves offsets untouched
