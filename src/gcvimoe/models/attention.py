@@ -110,7 +110,7 @@ def relative_bias(table: Tensor, index: Tensor, one_hot_y: Tensor, one_hot_x: Te
     ``(dy + Wh - 1) * (2 Ww - 1) + dx + Ww - 1`` on a table of ``(2 Wh - 1) * (2 Ww - 1)`` rows (timm's layout; the
     window may be smaller than the table's ``Wh x Ww``). The backward sums the gradient into the table with
     ``one_hot_y`` (``[wh * wh, 2 Wh - 1]``) and ``one_hot_x`` (``[ww * ww, 2 Ww - 1]``) from
-    :func:`relative_offset_one_hot` instead of scatter-adding it, which is also deterministic on CUDA (no atomics).
+    :func:`relative_offset_one_hot` instead of scatter-adding it.
     No double backward.
     """
     return _RelativeBias.apply(table, index, one_hot_y, one_hot_x)
