@@ -80,5 +80,6 @@ def run(batch: int, rounds: int) -> None:
               + f" | **{moe / dense:.3f}** ({paired[0]:.3f}) | **{moe / ref:.3f}** ({paired[1]:.3f}) | {dropped:.3f} |",
               flush=True)
 
+
 if __name__ == '__main__':
     main()

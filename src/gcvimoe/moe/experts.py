@@ -130,9 +130,9 @@ def _drop_by_pre_activation(pre_act: Tensor, keep: float, scratch: Tensor) -> No
 
     The saved fc1 output then carries the dropout: backward recomputes the activation and its gradient with the
     dropped elements already 0, so no mask is saved or multiplied (a uint8 mask cost a conversion per multiply, three
-    per chunk). ``scratch`` (``pre_act``'s shape and dtype) receives the drop mask, drawn from the random bits of
-    :func:`_keep_mask`. Adding rather than overwriting (``masked_fill_``): a chunk's forward dropout took 209 us
-    against 390 us (435 x 768 rows, GELU included; the masked multiply it replaces took 313 us).
+    per chunk). ``scratch`` (``pre_act``'s shape and dtype) receives the drop mask, drawn from :func:`_random_bits`
+    as :func:`_keep_mask`'s is. Adding rather than overwriting (``masked_fill_``): a chunk's forward dropout took
+    209 us against 390 us (435 x 768 rows, GELU included; the masked multiply it replaces took 313 us).
     """
     bits, threshold = _random_bits(*pre_act.shape, keep, pre_act.device)
     drop = torch.ge(bits, threshold, out=scratch)
