@@ -35,7 +35,6 @@ from timm.layers import (
     ClassifierHead, DropPath, LayerNorm2d, LayerScale, Mlp, SEModule, calculate_drop_path_rates,
     resize_rel_pos_bias_table, to_2tuple, trunc_normal_,
 )
-from timm.layers.pos_embed_rel import gen_relative_position_index
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
 from timm.models._features import feature_take_indices
 
@@ -146,16 +145,14 @@ class RelativePositionBias(nn.Module):
         key = (window, device, dtype)
         index = self._index_cache.get(key)
         if index is None:
-            if window == self.window_size:
-                rows = gen_relative_position_index(window, device=device).view(-1)
-            else:
-                # offsets of the smaller window, laid out on the configured window's table
-                coords = torch.stack(torch.meshgrid(
-                    torch.arange(window[0], device=device), torch.arange(window[1], device=device), indexing='ij',
-                )).flatten(1)
-                rel = coords[:, :, None] - coords[:, None, :]
-                rows = ((rel[0] + self.window_size[0] - 1) * (2 * self.window_size[1] - 1)
-                        + rel[1] + self.window_size[1] - 1).view(-1)
+            # offsets of the window (the configured one or a smaller one), laid out on the configured window's table
+            # as timm's gen_relative_position_index lays them out
+            coords = torch.stack(torch.meshgrid(
+                torch.arange(window[0], device=device), torch.arange(window[1], device=device), indexing='ij',
+            )).flatten(1)
+            rel = coords[:, :, None] - coords[:, None, :]
+            rows = ((rel[0] + self.window_size[0] - 1) * (2 * self.window_size[1] - 1)
+                    + rel[1] + self.window_size[1] - 1).view(-1)
             index = (rows, *(relative_offset_one_hot(size, table_size, device, dtype)
                              for size, table_size in zip(window, self.window_size)))
             self._index_cache[key] = index
