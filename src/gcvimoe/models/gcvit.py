@@ -40,6 +40,7 @@ from timm.models._features import feature_take_indices
 
 from gcvimoe.errors import GcvimoeError
 from gcvimoe.models.attention import biased_attention, relative_bias, relative_offset_one_hot
+from gcvimoe.models.conv import conv2d_patch_grad
 from gcvimoe.models.placement import MoEPlacement, resolve_moe_blocks
 from gcvimoe.moe.experts import activation_into
 
@@ -82,7 +83,15 @@ class Downsample2d(nn.Module):
         self.norm2 = norm_layer(dim_out, **dd)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.norm2(self.reduction(self.conv_block(self.norm1(x))))
+        x = self.conv_block(self.norm1(x))
+        conv = self.reduction
+        if torch.is_grad_enabled() and x.device.type == 'cpu' and not _autocast_enabled(x.device) \
+                and not torch.compiler.is_compiling():
+            # oneDNN's CPU weight gradient of this strided conv is about twice its forward; a patch GEMM is not
+            x = conv2d_patch_grad(x, conv.weight, conv.bias, conv.stride, conv.padding)
+        else:
+            x = conv(x)
+        return self.norm2(x)
 
 
 class FeatureBlock(nn.Module):
