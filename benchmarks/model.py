@@ -2,6 +2,8 @@
 
     python benchmarks/model.py [--batch 8 [16 32 ...]] [--rounds 7]
 
+Inference gets twice the rounds of the train step (a third of its cost per step), as in benchmarks/backbone.py.
+
 Targets: the MoE model costs at most 1.10x our dense model, and is at least as fast as timm's dense gcvit_tiny,
 for a train step (forward + cross-entropy + aux loss + backward) and for inference. Timings are interleaved; a ratio
 is given as the ratio of the models' median times and, in brackets, as the median of the per-round ratios (each
@@ -57,7 +59,7 @@ def run(batch: int, rounds: int) -> None:
     x = torch.randn(batch, 3, 224, 224)
     y = torch.randint(0, 1000, (batch,))
     print(f"# model: fp32 CPU ({torch.get_num_threads()} threads), batch {batch}, 224 px, "
-          f"median of {rounds} interleaved rounds")
+          f"median of {rounds} interleaved rounds ({2 * rounds} for inference)")
     print('| mode | ' + ' | '.join(f'{name} img/s' for name in MODELS) +
           ' | MoE / our dense (time) | MoE / timm dense (time) | MoE dropped fraction |')
     print('|---|' + '---|' * (len(MODELS) + 3))
@@ -68,7 +70,7 @@ def run(batch: int, rounds: int) -> None:
             models[label] = timm.create_model(name, **kwargs).train(train)
         step = train_step if train else infer_step
         times = interleaved_times({label: functools.partial(step, m, x, y) for label, m in models.items()},
-                                  rounds=rounds)
+                                  rounds=rounds if train else 2 * rounds)
         seconds = {label: median(t) for label, t in times.items()}
         moe, dense, ref = (seconds[label] for label in MODELS)
         moe_times, dense_times, ref_times = (times[label] for label in MODELS)

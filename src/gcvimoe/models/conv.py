@@ -4,9 +4,10 @@ oneDNN computes the weight gradient of GC ViT's 3x3 stride-2 downsampling convol
 2-core CPU) in about twice the time of their forward. :func:`conv2d_patch_grad` keeps oneDNN for the forward and the
 input gradient, and computes the weight gradient as ``patches^T @ grad_out``: the patches of a few images at a time
 are gathered into a ``[rows, kh * kw * c_in]`` buffer that stays in cache (a channels-last im2col, nine strided
-copies for a 3x3 kernel), then one GEMM per group of images accumulates the gradient. Weight gradient alone, batch 8:
-39.8 -> 22.0 ms at the stem's 112 px map, 17.5 -> 9.4, 14.6 -> 7.8 and 14.7 -> 7.3 ms at the stage downsamples
-(``benchmarks/RESULTS.md``). It does not pay for the stem's first conv (3 input channels: short patch rows).
+copies for a 3x3 kernel), then one GEMM per group of images accumulates the gradient. Weight gradient alone, batch 8,
+15 interleaved rounds: 44.0 -> 24.6 ms at the stem's 112 px map, 16.5 -> 9.8, 14.4 -> 8.9 and 15.4 -> 11.1 ms at
+the stage downsamples, 90 -> 54 ms per train step (``benchmarks/RESULTS.md``). It does not pay for the stem's first
+conv (3 input channels: short patch rows).
 """
 from typing import Optional, Sequence, Tuple
 
