@@ -58,3 +58,29 @@ def test_frozen_weight_gives_only_the_input_gradient():
     expected = x.detach().clone().requires_grad_()
     F.conv2d(expected, weight, stride=2, padding=1).square().sum().backward()
     torch.testing.assert_close(x.grad, expected.grad)
+
+
+@pytest.mark.parametrize('in_channels', [8, 64], ids=['oneDNN', 'patch GEMM'])
+def test_patch_grad_conv_module_equals_conv2d(in_channels, monkeypatch):
+    """Same output, gradients, state dict and hooks as nn.Conv2d; the patch path runs from 64 input channels."""
+    calls = []
+    monkeypatch.setattr(conv, 'conv2d_patch_grad', lambda *args: calls.append(1) or conv._Conv2dPatchGrad.apply(
+        args[0], args[1], args[2], tuple(args[3]), tuple(args[4])))
+    torch.manual_seed(0)
+    reference = torch.nn.Conv2d(in_channels, 6, 3, 2, 1, bias=False)
+    module = conv.PatchGradConv2d(in_channels, 6, 3, 2, 1, bias=False)
+    module.load_state_dict(reference.state_dict())
+    assert list(module.state_dict()) == list(reference.state_dict())
+    hooked = []
+    module.register_forward_hook(lambda *_: hooked.append(1))
+    x = torch.randn(2, in_channels, 7, 7).contiguous(memory_format=torch.channels_last)
+    outputs = [m(x) for m in (reference, module)]
+    grad = torch.randn_like(outputs[0])
+    for out in outputs:
+        out.backward(grad)
+    torch.testing.assert_close(outputs[1], outputs[0])
+    torch.testing.assert_close(module.weight.grad, reference.weight.grad, rtol=1e-5, atol=1e-5)
+    assert hooked == [1] and len(calls) == (in_channels >= conv.MIN_PATCH_CHANNELS)
+    with torch.no_grad():  # inference: plain oneDNN
+        module(x)
+    assert len(calls) == (in_channels >= conv.MIN_PATCH_CHANNELS)

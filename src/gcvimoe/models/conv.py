@@ -6,16 +6,19 @@ input gradient, and computes the weight gradient as ``patches^T @ grad_out``: th
 are gathered into a ``[rows, kh * kw * c_in]`` buffer that stays in cache (a channels-last im2col, nine strided
 copies for a 3x3 kernel), then one GEMM per group of images accumulates the gradient. Weight gradient alone, batch 8,
 15 interleaved rounds: 44.0 -> 24.6 ms at the stem's 112 px map, 16.5 -> 9.8, 14.4 -> 8.9 and 15.4 -> 11.1 ms at
-the stage downsamples, 90 -> 54 ms per train step (``benchmarks/RESULTS.md``). It does not pay for the stem's first
-conv (3 input channels: short patch rows).
+the stage downsamples, 90 -> 54 ms per train step (``benchmarks/RESULTS.md``). It does not pay with fewer than
+64 input channels, whose patch rows are too short to gather fast (32 channels, batch 128, 16 px map: 13.3 against
+7.4 ms forward and backward; the stem's first conv, 3 channels: slower too), so :class:`PatchGradConv2d` keeps oneDNN
+there.
 """
 from typing import Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor
+from torch import Tensor, nn
 
 PATCH_ROWS = 8192  # output positions gathered per GEMM (whole images, at least one): two images at 56 x 56 outputs
+MIN_PATCH_CHANNELS = 64  # input channels from which the patch gather (rows of c_in floats) beats oneDNN
 
 
 def _valid_outputs(size: int, out_size: int, tap: int, stride: int, padding: int) -> Tuple[int, int]:
@@ -114,3 +117,17 @@ def conv2d_patch_grad(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None, 
         ``[b, c_out, h_out, w_out]`` in ``x``'s memory format.
     """
     return _Conv2dPatchGrad.apply(x, weight, bias, tuple(stride), tuple(padding))
+
+
+class PatchGradConv2d(nn.Conv2d):
+    """``nn.Conv2d`` (same parameters, state dict and hooks) whose CPU training backward takes the weight gradient
+    from :func:`conv2d_weight_grad`, when it pays: at least ``MIN_PATCH_CHANNELS`` input channels, no groups,
+    dilation or non-zero padding mode, not under autocast or ``torch.compile``."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        if (torch.is_grad_enabled() and x.device.type == 'cpu' and self.in_channels >= MIN_PATCH_CHANNELS
+                and self.groups == 1 and self.dilation == (1, 1) and self.padding_mode == 'zeros'
+                and isinstance(self.padding, tuple) and not torch.is_autocast_enabled('cpu')
+                and not torch.compiler.is_compiling()):
+            return conv2d_patch_grad(x, self.weight, self.bias, self.stride, self.padding)
+        return super().forward(x)

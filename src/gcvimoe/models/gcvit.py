@@ -40,7 +40,7 @@ from timm.models._features import feature_take_indices
 
 from gcvimoe.errors import GcvimoeError
 from gcvimoe.models.attention import biased_attention, relative_bias, relative_offset_one_hot
-from gcvimoe.models.conv import conv2d_patch_grad
+from gcvimoe.models.conv import PatchGradConv2d
 from gcvimoe.models.placement import MoEPlacement, resolve_moe_blocks
 from gcvimoe.moe.experts import activation_into
 
@@ -79,19 +79,12 @@ class Downsample2d(nn.Module):
         dim_out = dim_out or dim
         self.norm1 = norm_layer(dim, **dd)
         self.conv_block = MbConvBlock(dim, act_layer=act_layer, **dd)
-        self.reduction = nn.Conv2d(dim, dim_out, 3, 2, 1, bias=False, **dd)
+        # oneDNN's CPU weight gradient of this strided conv takes about twice its forward; a patch GEMM does not
+        self.reduction = PatchGradConv2d(dim, dim_out, 3, 2, 1, bias=False, **dd)
         self.norm2 = norm_layer(dim_out, **dd)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.conv_block(self.norm1(x))
-        conv = self.reduction
-        if torch.is_grad_enabled() and x.device.type == 'cpu' and not _autocast_enabled(x.device) \
-                and not torch.compiler.is_compiling():
-            # oneDNN's CPU weight gradient of this strided conv is about twice its forward; a patch GEMM is not
-            x = conv2d_patch_grad(x, conv.weight, conv.bias, conv.stride, conv.padding)
-        else:
-            x = conv(x)
-        return self.norm2(x)
+        return self.norm2(self.reduction(self.conv_block(self.norm1(x))))
 
 
 class FeatureBlock(nn.Module):
