@@ -84,3 +84,10 @@ def test_patch_grad_conv_module_equals_conv2d(in_channels, monkeypatch):
     with torch.no_grad():  # inference: plain oneDNN
         module(x)
     assert len(calls) == (in_channels >= conv.MIN_PATCH_CHANNELS)
+
+
+def test_empty_batch_gives_zero_weight_gradient():
+    x = torch.randn(0, 4, 6, 6, requires_grad=True)
+    weight = torch.randn(5, 4, 3, 3, requires_grad=True)
+    conv2d_patch_grad(x, weight, None, (2, 2), (1, 1)).sum().backward()
+    torch.testing.assert_close(weight.grad, torch.zeros_like(weight))

@@ -46,6 +46,8 @@ def conv2d_weight_grad(x: Tensor, grad_out: Tensor, kernel_size: Sequence[int], 
     b, c_in, h, w = x.shape
     c_out, h_out, w_out = grad_out.shape[1:]
     (kh, kw), (sh, sw), (ph, pw) = kernel_size, stride, padding
+    if b == 0:  # no image, no gradient (and no GEMM to write one)
+        return x.new_zeros(c_out, c_in, kh, kw)
     x_nhwc = x.permute(0, 2, 3, 1)
     grad_nhwc = grad_out.permute(0, 2, 3, 1)
     images = max(1, PATCH_ROWS // max(1, h_out * w_out))
@@ -81,7 +83,7 @@ class _Conv2dPatchGrad(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias, stride, padding):
         ctx.save_for_backward(x, weight)
-        ctx.stride, ctx.padding, ctx.has_bias = stride, padding, bias is not None
+        ctx.stride, ctx.padding = stride, padding
         return F.conv2d(x, weight, bias, stride=stride, padding=padding)
 
     @staticmethod
