@@ -55,16 +55,20 @@ def conv2d_weight_grad(x: Tensor, grad_out: Tensor, kernel_size: Sequence[int], 
     grad_weight = x.new_empty(kh * kw * c_in, c_out)
     rows_of = [_valid_outputs(h, h_out, tap, sh, ph) for tap in range(kh)]
     cols_of = [_valid_outputs(w, w_out, tap, sw, pw) for tap in range(kw)]
+    # zero padding: the taps that fall outside the map, along the borders; the copies below never write there, so
+    # the zeros hold for every group of images
+    for dy, (r0, r1) in enumerate(rows_of):
+        for dx, (c0, c1) in enumerate(cols_of):
+            tap = patches[:, :, :, dy, dx]
+            for part in (tap[:, :r0], tap[:, r1:], tap[:, r0:r1, :c0], tap[:, r0:r1, c1:]):
+                if part.numel():
+                    part.zero_()
     for start in range(0, b, images):
         stop = min(b, start + images)
         chunk = patches[:stop - start]
         for dy, (r0, r1) in enumerate(rows_of):
             for dx, (c0, c1) in enumerate(cols_of):
                 tap = chunk[:, :, :, dy, dx]
-                # zero padding: the taps that fall outside the map, along the borders
-                for part in (tap[:, :r0], tap[:, r1:], tap[:, r0:r1, :c0], tap[:, r0:r1, c1:]):
-                    if part.numel():
-                        part.zero_()
                 if r1 > r0 and c1 > c0:
                     y0, x0 = sh * r0 + dy - ph, sw * c0 + dx - pw
                     tap[:, r0:r1, c0:c1].copy_(x_nhwc[start:stop, y0:y0 + sh * (r1 - r0 - 1) + 1:sh,
