@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.gcvimoe-installed
 DEMO_DIR ?= demo_output
 
-.PHONY: install demo test test-slow bench clean
+.PHONY: install demo test test-slow lint bench clean
 
 install: $(STAMP)
 
@@ -22,6 +22,10 @@ demo: install
 test: install
 	$(BIN)/python -m pytest -q
 
+lint: install
+	$(BIN)/ruff check src
+	$(BIN)/lint-imports
+
 test-slow: install
 	$(BIN)/python -m pytest -q -m slow
 
@@ -29,6 +33,7 @@ bench: install
 	$(BIN)/python benchmarks/backbone.py
 	$(BIN)/python benchmarks/moe_layer.py
 	$(BIN)/python benchmarks/model.py
+	$(BIN)/python benchmarks/kernels.py
 
 clean:
 	rm -rf $(DEMO_DIR) .pytest_cache build dist src/*.egg-info

@@ -1,7 +1,7 @@
 """Fashion-MNIST: GCViMoE nano against its dense twin at equal active MACs, same recipe and epochs.
 
 Trains ``gcvimoe_nano`` with 8 experts (top-1 routing: every token runs one expert MLP, the same compute as the dense
-MLP it replaces) and with ``num_experts=0`` (the dense GC ViT twin), both from ``configs/fashion_mnist.yaml``, on the
+MLP it replaces) and with ``num_experts=0`` (the dense GC ViT twin), both from the built-in ``fashion_mnist`` config, on the
 60000 training images, and evaluates on the 10000 test images. Writes ``<output>/results.json`` and the
 ``## Fashion-MNIST`` section of ``benchmarks/RESULTS.md``.
 
@@ -27,16 +27,19 @@ from pathlib import Path
 
 import torch
 
+sys.path.insert(0, os.path.dirname(__file__))
+from _common import RESULTS, write_section  # noqa: E402
+
 ROOT = Path(__file__).resolve().parents[1]
-CONFIG = ROOT / "configs" / "fashion_mnist.yaml"
-RESULTS = ROOT / "benchmarks" / "RESULTS.md"
+CONFIG = "fashion_mnist"
 SECTION = "## Fashion-MNIST (benchmarks/fashion_mnist.py)"
 VARIANTS = {"moe": 8, "dense": 0}  # name -> num_experts
 
 
 def parse_args():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--config", default=str(CONFIG), help="training recipe shared by both models")
+    parser.add_argument("--config", default=CONFIG,
+                        help="training recipe shared by both models (built-in name or YAML file)")
     parser.add_argument("--epochs", type=int, help="override the recipe's epochs (both models)")
     parser.add_argument("--data-dir", help="folder of the Fashion-MNIST IDX files")
     parser.add_argument("--output", default="runs/fashion_mnist", help="run folders and results.json go here")
@@ -166,18 +169,6 @@ def format_section(results: dict) -> str:
     return "\n".join(lines)
 
 
-def write_section(text: str) -> None:
-    """Replace (or append) this benchmark's section of RESULTS.md, leaving the other sections as they are."""
-    content = RESULTS.read_text() if RESULTS.exists() else "# Benchmark results\n"
-    start = content.find(SECTION)
-    if start < 0:
-        content = content.rstrip("\n") + "\n\n" + text
-    else:
-        end = content.find("\n## ", start + len(SECTION))
-        content = content[:start] + text + ("\n" + content[end + 1:] if end >= 0 else "")
-    RESULTS.write_text(content.rstrip("\n") + "\n")
-
-
 def main():
     args = parse_args()
     Path(args.output).mkdir(parents=True, exist_ok=True)
@@ -188,14 +179,14 @@ def main():
         wall = {name: previous.get(name, {}).get("wall_seconds") for name in VARIANTS}
     else:
         wall = run_trainings(args)
-    import yaml
-    recipe = yaml.safe_load(Path(args.config).read_text())
+    from gcvimoe.train.config import load_yaml
+    recipe = load_yaml(args.config)
     results = {name: {**read_run(Path(args.output) / name), "wall_seconds": wall[name]} for name in VARIANTS}
     results["sizes"] = model_sizes()
     from gcvimoe.models import create_model
     dense = create_model("gcvimoe_nano", num_classes=10, in_chans=1, img_size=32, num_experts=0)
     results["dense_params"] = sum(p.numel() for p in dense.parameters())
-    results["recipe"] = {"config": os.path.relpath(args.config, ROOT), "img_size": recipe.get("img_size"),
+    results["recipe"] = {"config": args.config, "img_size": recipe.get("img_size"),
                          "batch_size": recipe.get("batch_size"), "lr": float(recipe.get("lr")),
                          "smoothing": recipe.get("smoothing")}
     results["machine"] = previous.get("machine") or describe_machine(args.train_overrides, recipe)
@@ -214,7 +205,7 @@ def main():
     section = format_section(results)
     print(section)
     if not args.no_report:
-        write_section(section)
+        write_section("fashion_mnist", section)
         print(f"updated {RESULTS}")
 
 

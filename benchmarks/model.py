@@ -1,6 +1,6 @@
 """gcvimoe_tiny (8 experts, top-1) vs our dense tiny vs timm's gcvit_tiny: one process, 224 px, fp32 CPU.
 
-    python benchmarks/model.py [--batch 8 [16 32 ...]] [--rounds 7]
+    python benchmarks/model.py [--batch 8 [16 32 ...]] [--rounds 7] [--repeats 5]
 
 Inference gets twice the rounds of the train step (a third of its cost per step), as in benchmarks/backbone.py.
 
@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(__file__))
-from _common import interleaved_times, median  # noqa: E402
+from _common import interleaved_times, machine, median, write_section  # noqa: E402
 
 import gcvimoe  # noqa: E402,F401
 from gcvimoe.moe import collect_aux_loss, collect_moe_report  # noqa: E402
@@ -49,38 +49,57 @@ def main() -> None:
     parser.add_argument('--batch', type=int, nargs='+', default=[8],
                         help="batch sizes, one table each (the MoE overhead shrinks as tokens per expert grow)")
     parser.add_argument('--rounds', type=int, default=7)
+    parser.add_argument('--repeats', type=int, default=1, help="repeat every measurement; tables give ranges")
     args = parser.parse_args()
+    lines = [
+        '## GCViMoE-tiny vs our dense tiny vs timm gcvit_tiny (`benchmarks/model.py`)',
+        '',
+        f"Latest run: {machine()}; 224 px, fp32; {args.repeats} repeat(s) of {args.rounds} interleaved rounds "
+        f"({2 * args.rounds} for inference). Time ratios: ratio of medians, the median of per-round ratios in "
+        "brackets, and the range over repeats. Targets: MoE at most 1.10x our dense and at most 1.0x timm.",
+        '',
+        '| batch | mode | MoE img/s | MoE / our dense | range | MoE / timm | range | MoE dropped fraction |',
+        '|---|---|---|---|---|---|---|---|',
+    ]
     for batch in args.batch:
-        run(batch, args.rounds)
+        lines += run(batch, args.rounds, args.repeats)
+    write_section('model', '\n'.join(lines))
 
 
-def run(batch: int, rounds: int) -> None:
+def _range(values) -> str:
+    return f"{min(values):.3f}-{max(values):.3f}" if len(values) > 1 else '-'
+
+
+def _measure(models, step, x, y, rounds):
+    times = interleaved_times({label: functools.partial(step, m, x, y) for label, m in models.items()}, rounds=rounds)
+    seconds = {label: median(t) for label, t in times.items()}
+    moe, dense, ref = (seconds[label] for label in MODELS)
+    moe_times, dense_times, ref_times = (times[label] for label in MODELS)
+    paired = [statistics.median(m / o for m, o in zip(moe_times, other)) for other in (dense_times, ref_times)]
+    return moe, moe / dense, paired[0], moe / ref, paired[1]
+
+
+def run(batch: int, rounds: int, repeats: int = 1) -> list:
     torch.manual_seed(0)
     x = torch.randn(batch, 3, 224, 224)
     y = torch.randint(0, 1000, (batch,))
-    print(f"# model: fp32 CPU ({torch.get_num_threads()} threads), batch {batch}, 224 px, "
-          f"median of {rounds} interleaved rounds ({2 * rounds} for inference)")
-    print('| mode | ' + ' | '.join(f'{name} img/s' for name in MODELS) +
-          ' | MoE / our dense (time) | MoE / timm dense (time) | MoE dropped fraction |')
-    print('|---|' + '---|' * (len(MODELS) + 3))
+    rows = []
     for train in (False, True):
         models = {}
         for label, (name, kwargs) in MODELS.items():
             torch.manual_seed(0)
             models[label] = timm.create_model(name, **kwargs).train(train)
         step = train_step if train else infer_step
-        times = interleaved_times({label: functools.partial(step, m, x, y) for label, m in models.items()},
-                                  rounds=rounds if train else 2 * rounds)
-        seconds = {label: median(t) for label, t in times.items()}
-        moe, dense, ref = (seconds[label] for label in MODELS)
-        moe_times, dense_times, ref_times = (times[label] for label in MODELS)
-        paired = [statistics.median(m / o for m, o in zip(moe_times, other)) for other in (dense_times, ref_times)]
+        results = [_measure(models, step, x, y, rounds if train else 2 * rounds) for _ in range(repeats)]
+        moe_seconds, vs_dense, vs_dense_paired, vs_timm, vs_timm_paired = results[-1]
         # the last timed step's routing (train: capacity 1.25; inference: dropless)
         dropped = collect_moe_report(models['gcvimoe_tiny E=8 k=1']).summary().get('dropped_fraction', 0.0)
-        print(f"| {'train step' if train else 'inference'} | "
-              + ' | '.join(f'{batch / s:.2f}' for s in seconds.values())
-              + f" | **{moe / dense:.3f}** ({paired[0]:.3f}) | **{moe / ref:.3f}** ({paired[1]:.3f}) | {dropped:.3f} |",
-              flush=True)
+        row = (f"| {batch} | {'train step' if train else 'inference'} | {batch / moe_seconds:.2f} "
+               f"| **{vs_dense:.3f}** ({vs_dense_paired:.3f}) | {_range([r[1] for r in results])} "
+               f"| **{vs_timm:.3f}** ({vs_timm_paired:.3f}) | {_range([r[3] for r in results])} | {dropped:.3f} |")
+        print(row, flush=True)
+        rows.append(row)
+    return rows
 
 
 if __name__ == '__main__':

@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from gcvimoe.models.attention import biased_attention
+from gcvimoe.kernels.attention import biased_attention
 
 
 def _reference(q, k, v, bias, scale):
@@ -54,7 +54,7 @@ def test_biased_attention_value_gradient_alone():
 @pytest.mark.parametrize('window, table_window',
                          [((7, 7), (7, 7)), ((3, 5), (3, 5)), ((2, 4), (3, 5)), ((1, 1), (7, 7))], ids=str)
 def test_relative_bias_equals_gathering_the_table(window, table_window):
-    """The bias and its table gradient (two one-hot GEMMs) against indexing the table by hand, pair by pair."""
+    """The bias and its table gradient against indexing the table by hand, pair by pair."""
     from gcvimoe.models.gcvit import RelativePositionBias
     torch.manual_seed(0)
     heads = 3

@@ -228,7 +228,7 @@ def test_wrong_channel_count():
 
 
 def test_cli_errors_are_one_line():
-    result = subprocess.run([sys.executable, '-m', 'gcvimoe', 'info', 'gcvimoe_nope'], capture_output=True,
+    result = subprocess.run([sys.executable, '-m', 'gcvimoe', 'info', '--model', 'gcvimoe_nope'], capture_output=True,
                             text=True, timeout=120)
     assert result.returncode == 2
     assert result.stderr.strip().count('\n') == 0 and result.stderr.startswith('error: unknown model')

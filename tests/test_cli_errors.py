@@ -122,3 +122,22 @@ def test_real_process_prints_one_line_and_exits_2(tmp_path):
     assert done.stderr.strip().splitlines() == [f"error: data folder {tmp_path / 'missing'} does not exist; "
                                                 "pass --data-dir with a folder (expected DIR/train/<class>/<image> "
                                                 "and DIR/val/<class>/<image>)"]
+
+
+def test_deprecated_spellings_still_work_with_one_warning_line(capsys):
+    """The 0.1 spellings `info MODEL` and `benchmark --amp bf16` keep working for one release, with a warning."""
+    with pytest.warns(FutureWarning, match="gcvimoe info MODEL is deprecated; write gcvimoe info --model MODEL"):
+        assert main(["info", "gcvimoe_nano", "--json"]) == 0
+    assert '"model": "gcvimoe_nano"' in capsys.readouterr().out
+    result = subprocess.run([sys.executable, "-m", "gcvimoe", "info", "gcvimoe_nano"], capture_output=True, text=True)
+    assert result.returncode == 0
+    assert result.stderr.strip() == "warning: gcvimoe info MODEL is deprecated; write gcvimoe info --model MODEL"
+    import argparse
+
+    import torch
+
+    from gcvimoe.cli.benchmark import _amp_dtype
+    with pytest.warns(FutureWarning, match="--amp --amp-dtype bfloat16"):
+        assert _amp_dtype(argparse.Namespace(amp="bf16", amp_dtype="float16")) is torch.bfloat16
+    assert _amp_dtype(argparse.Namespace(amp="true", amp_dtype="float16")) is torch.float16
+    assert _amp_dtype(argparse.Namespace(amp="false", amp_dtype="bfloat16")) is None

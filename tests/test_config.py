@@ -4,7 +4,7 @@ import math
 import pytest
 import yaml
 
-from gcvimoe.engine.config import (
+from gcvimoe.train.config import (
     TrainConfig, apply_overrides, build_config, load_yaml, parse_cli_value, save_config, scaled_lr)
 from gcvimoe.errors import GcvimoeError
 
@@ -60,7 +60,7 @@ def test_numbers_as_pyyaml_reads_them(tmp_path):
 
 
 def test_dashes_accepted_in_keys():
-    assert apply_overrides(TrainConfig(), {"num-experts": 4}, "test").num_experts == 4
+    assert apply_overrides(TrainConfig(), {"num-experts": 4}, "test").moe.num_experts == 4
 
 
 @pytest.mark.parametrize("key, text, expected", [
@@ -68,7 +68,7 @@ def test_dashes_accepted_in_keys():
     ("lr", "5e-3", 5e-3),
     ("ema", "true", True),
     ("ema", "off", False),
-    ("num_experts", "null", None),
+    ("drop_path_rate", "null", None),
     ("num_experts", "0", 0),
     ("scale", "0.5,1", [0.5, 1.0]),
     ("scale", "[0.25, 0.75]", [0.25, 0.75]),
@@ -130,22 +130,52 @@ def test_resolved_dataset():
     assert TrainConfig(dataset="fashion-mnist", data_dir="/x").resolved_dataset == "fashion-mnist"
 
 
-def test_every_moe_option_reaches_the_model(tmp_path):
-    """MoE options are plain config keys (YAML and command line) that land in the model constructor."""
-    from gcvimoe.data.factory import resolve_data_config
-    from gcvimoe.engine.train import model_args
-    from gcvimoe.models import create_model
-    from gcvimoe.moe import moe_layers
+# a value other than the GCViMoE default for every MoE option; the guard below fails when an option is added
+NON_DEFAULT_MOE = dict(
+    num_experts=4, top_k=2, capacity_factor=2.0, eval_capacity_factor=2.0, router="cosine", normalize_gates=True,
+    batch_priority=False, gate_noise=1.0, expert_dropout=0.0, balance_loss="gshard", aux_loss_weight=0.5,
+    z_loss_weight=1e-3, shared_expert=True, moe_blocks="last 2 odd blocks")
 
+
+def test_every_moe_option_reaches_the_model(tmp_path):
+    """Every MoE option, from a YAML moe: section or the command line, lands in the model's MoE layers."""
+    from gcvimoe.data.factory import resolve_data_config
+    from gcvimoe.models import create_model
+    from gcvimoe.moe import GCVIMOE, moe_layers
+    from gcvimoe.moe.config import FIELDS
+    from gcvimoe.train.trainer import model_args
+
+    assert set(NON_DEFAULT_MOE) == set(FIELDS)
+    assert all(NON_DEFAULT_MOE[name] != getattr(GCVIMOE, name) for name in FIELDS)
+    from_file = {k: v for k, v in NON_DEFAULT_MOE.items() if k != "batch_priority"}
     path = tmp_path / "moe.yaml"
-    path.write_text(yaml.safe_dump(dict(
-        num_experts=4, top_k=2, router="cosine", normalize_gates=True, eval_capacity_factor=2.0, gate_noise=1.0,
-        expert_dropout=0.0, balance_loss="gshard", z_loss_weight=1e-3, moe_blocks="last 2 odd blocks")))
+    path.write_text(yaml.safe_dump({"moe": from_file}))
     cfg = build_config(path, {"batch_priority": parse_cli_value("batch_priority", "false")})
     model = create_model(cfg.model, **model_args(cfg, resolve_data_config("digits", img_size=32)))
     layers = dict(moe_layers(model))
     assert list(layers) == ["stages.2.blocks.5.mlp", "stages.3.blocks.1.mlp"]
-    layer = next(iter(layers.values()))
-    assert (layer.num_experts, layer.top_k, layer.router_type, layer.normalize_gates, layer.eval_capacity_factor,
-            layer.batch_priority, layer.balance_loss, layer.z_loss_weight) == (
-        4, 2, "cosine", True, 2.0, False, "gshard", 1e-3)
+    for layer in layers.values():
+        assert layer.config.to_dict() == {**NON_DEFAULT_MOE, "moe_blocks": "last 2 odd blocks"}
+        assert layer.shared_expert is not None and layer.router_type == "cosine"
+    assert model.moe_config == cfg.moe
+
+
+def test_flat_moe_keys_of_old_files_still_work(tmp_path):
+    """gcvimoe 0.1 wrote MoE options at the top level (null = the model's default): still read, with a warning."""
+    path = tmp_path / "old.yaml"
+    path.write_text("num_experts: 4\ntop_k: 2\nrouter: null\n")
+    with pytest.warns(FutureWarning, match="put it under 'moe:'"):
+        cfg = build_config(path)
+    assert (cfg.moe.num_experts, cfg.moe.top_k, cfg.moe.router) == (4, 2, "linear")
+
+
+def test_unknown_moe_option_names_the_nearest():
+    with pytest.raises(GcvimoeError, match=r"unknown MoE option 'moe.topk'.*did you mean 'top_k'"):
+        build_config(cli_overrides={"moe": {"topk": 2}})
+
+
+def test_builtin_configs_by_name():
+    cfg = build_config("fashion_mnist")
+    assert cfg.resolved_dataset == "fashion-mnist" and cfg.moe.num_experts == 8
+    with pytest.raises(GcvimoeError, match="did you mean 'digits'"):
+        build_config("digit")

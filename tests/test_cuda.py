@@ -9,7 +9,7 @@ import timm
 import torch
 
 from gcvimoe.cli import main
-from gcvimoe.engine.checkpoint import load_checkpoint, model_from_checkpoint
+from gcvimoe.models import model_from_checkpoint, read_checkpoint
 from gcvimoe.models import create_model
 from gcvimoe.moe import MoE, collect_aux_loss
 from gcvimoe.moe import experts as experts_module
@@ -115,5 +115,5 @@ def test_train_cuda_amp_checkpoint_loads_on_cpu(tmp_path, amp_dtype):
     with open(out / "summary.csv") as f:
         rows = list(csv.DictReader(f))
     assert len(rows) == 1 and float(rows[0]["eval_top1"]) > 20.0  # 10 classes: well above chance after an epoch
-    model = model_from_checkpoint(load_checkpoint(out / "last.pth"))
+    model = model_from_checkpoint(read_checkpoint(out / "last.pth"))
     assert next(model.parameters()).device.type == 'cpu'

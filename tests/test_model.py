@@ -9,7 +9,7 @@ import torch
 
 from gcvimoe.errors import GcvimoeError
 from gcvimoe.models import VARIANTS, create_model, resolve_moe_blocks
-from gcvimoe.models.export import create_model_from_checkpoint, load_weights, save_model, upcycle
+from gcvimoe.models import create_model_from_checkpoint, load_weights, save_model, upcycle
 from gcvimoe.models.gcvit import GlobalContextVitBlock, WindowLayout
 from gcvimoe.moe import MoE, moe_layers
 
@@ -155,7 +155,7 @@ def test_upcycle_from_timm_checkpoint_with_noise(tmp_path):
 
 def test_info_reports_active_macs_close_to_dense(capsys):
     from gcvimoe.cli import main
-    assert main(['info', 'gcvimoe_tiny', '--json']) == 0
+    assert main(['info', '--model', 'gcvimoe_tiny', '--json']) == 0
     info = json.loads(capsys.readouterr().out)
     dense_timm = timm.create_model('gcvit_tiny', device='meta')
     from gcvimoe.models.info import count_macs
@@ -167,7 +167,7 @@ def test_info_reports_active_macs_close_to_dense(capsys):
 
 
 def test_info_text_output():
-    result = subprocess.run([sys.executable, '-m', 'gcvimoe', 'info', 'gcvimoe_nano', '--num-experts', '8'],
+    result = subprocess.run([sys.executable, '-m', 'gcvimoe', 'info', '--model', 'gcvimoe_nano', '--num-experts', '8'],
                             capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr
     assert 'M total' in result.stdout and 'M active' in result.stdout and 'MACs' in result.stdout

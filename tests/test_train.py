@@ -18,11 +18,11 @@ from timm.optim import create_optimizer_v2
 
 from gcvimoe.cli import main
 from gcvimoe.data import create_loader
-from gcvimoe.engine.checkpoint import model_from_checkpoint
-from gcvimoe.engine.config import TrainConfig
-from gcvimoe.engine.distributed import DistInfo, check_expert_parallel_optimizer
-from gcvimoe.engine.evaluate import evaluate
-from gcvimoe.engine.train import EMA_COLUMNS, SUMMARY_COLUMNS, check_finite_loss
+from gcvimoe.models import model_from_checkpoint
+from gcvimoe.train.config import TrainConfig, build_config
+from gcvimoe.train.distributed import DistInfo, check_expert_parallel_optimizer
+from gcvimoe.train.evaluate import evaluate
+from gcvimoe.train.trainer import EMA_COLUMNS, SUMMARY_COLUMNS, check_finite_loss
 from gcvimoe.errors import GcvimoeError
 from gcvimoe.models import create_model
 from gcvimoe.moe.parallel import shard_experts_
@@ -87,15 +87,15 @@ def test_two_epoch_run_writes_every_output(run_a):
     assert all(float(row["train_aux_loss"]) > 0 for row in rows)  # the MoE aux loss is logged on its own
     assert "epoch   2/2" in (run_a / "train.log").read_text()
 
-    saved = TrainConfig(**yaml.safe_load((run_a / "config.yaml").read_text()))
-    assert saved.epochs == 2 and saved.num_experts == 4 and saved.model_kwargs == {"embed_dim": 16}
+    saved = build_config(run_a / "config.yaml")
+    assert saved.epochs == 2 and saved.moe.num_experts == 4 and saved.model_kwargs == {"embed_dim": 16}
 
     checkpoint = torch.load(run_a / "last.pth", map_location="cpu", weights_only=True)
     assert checkpoint["epoch"] == 2 and checkpoint["class_names"] == list(CLASSES)
-    assert checkpoint["model_args"]["num_experts"] == 4 and checkpoint["data_config"]["in_chans"] == 3
+    assert checkpoint["model_args"]["moe"]["num_experts"] == 4 and checkpoint["data_config"]["in_chans"] == 3
     for key in ("optimizer", "scheduler", "rng", "history", "config", "step"):
         assert checkpoint[key] is not None, key
-    model = model_from_checkpoint(checkpoint)
+    model = model_from_checkpoint(run_a / "last.pth")
     assert model(torch.zeros(2, 3, 32, 32)).shape == (2, len(CLASSES))
 
 

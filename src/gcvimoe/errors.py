@@ -1,8 +1,30 @@
-"""Errors a user can cause. The CLI prints them as one line and exits non-zero, without a traceback."""
+"""Errors a user can cause, and the one helper that suggests the name they probably meant.
+
+The CLI prints a :class:`GcvimoeError` as one ``error:`` line and exits 2, without a traceback; any other exception
+is a bug and stays visible as one.
+"""
+import difflib
+from typing import Iterable, Optional
 
 
-class GcvimoeError(Exception):
+class GcvimoeError(ValueError):
     """A problem with user input (a path, a config key, a checkpoint, a model name).
 
     The message names the problem and the fix in one line.
     """
+
+
+def nearest(name: str, choices: Iterable[str]) -> Optional[str]:
+    """The choice nearest to ``name`` (dashes read as underscores), or None when none is close."""
+    choices = list(choices)
+    for candidate in dict.fromkeys((name, name.replace("-", "_"))):
+        close = difflib.get_close_matches(candidate, choices, n=1, cutoff=0.6)
+        if close:
+            return close[0]
+    return None
+
+
+def did_you_mean(name: str, choices: Iterable[str], fallback: str = "") -> str:
+    """``"did you mean 'x'?"`` for the choice nearest to ``name``, else ``fallback`` (for the end of a message)."""
+    close = nearest(name, choices)
+    return f"did you mean '{close}'?" if close else fallback

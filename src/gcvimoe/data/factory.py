@@ -13,7 +13,7 @@ from torchvision import transforms
 
 from gcvimoe.data.digits import DIGITS_CLASSES, DIGITS_MEAN, DIGITS_STD, DigitsDataset
 from gcvimoe.data.fashion_mnist import (
-    FASHION_MNIST_CLASSES, FASHION_MNIST_DIR, FASHION_MNIST_MEAN, FASHION_MNIST_STD, FashionMNIST)
+    FASHION_MNIST_CLASSES, FASHION_MNIST_MEAN, FASHION_MNIST_STD, FashionMNIST, fashion_mnist_dir)
 from gcvimoe.data.folder import ImageFolder, check_split_dir, find_classes
 from gcvimoe.errors import GcvimoeError
 
@@ -69,7 +69,7 @@ def resolve_data_config(
         classes, native_chans, mean, std = list(DIGITS_CLASSES), 1, DIGITS_MEAN, DIGITS_STD
     elif dataset == "fashion-mnist":
         classes, native_chans, mean, std = list(FASHION_MNIST_CLASSES), 1, FASHION_MNIST_MEAN, FASHION_MNIST_STD
-        data_dir = data_dir or FASHION_MNIST_DIR
+        data_dir = str(fashion_mnist_dir(data_dir))
     elif dataset == "folder":
         if not data_dir:
             raise GcvimoeError("dataset 'folder' needs --data-dir DIR with train/ and val/ class folders")

@@ -1,5 +1,6 @@
 """Fashion-MNIST from its IDX files (gzipped or not), as shipped by the Debian package ``dataset-fashion-mnist``."""
 import gzip
+import os
 from pathlib import Path
 from typing import Callable, Optional
 
@@ -8,7 +9,8 @@ import numpy as np
 from gcvimoe.data.arrays import ArrayImageDataset
 from gcvimoe.errors import GcvimoeError
 
-FASHION_MNIST_DIR = "/usr/share/datasets/fashion-mnist"
+FASHION_MNIST_DIR = "/usr/share/datasets/fashion-mnist"  # where Debian's dataset-fashion-mnist installs the files
+FASHION_MNIST_ENV = "GCVIMOE_FASHION_MNIST_DIR"
 FASHION_MNIST_CLASSES = (
     "T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot")
 FASHION_MNIST_MEAN = (0.2860,)
@@ -37,6 +39,17 @@ def read_idx(path) -> np.ndarray:
     return array.reshape(shape).astype(dtype.newbyteorder("="))
 
 
+def fashion_mnist_dir(data_dir: str = "") -> Path:
+    """Where the Fashion-MNIST files are: ``data_dir`` when given, else ``$GCVIMOE_FASHION_MNIST_DIR``, else the Debian
+    package's folder; a one-line error saying how to get them when that folder does not exist."""
+    root = Path(data_dir or os.environ.get(FASHION_MNIST_ENV) or FASHION_MNIST_DIR)
+    if not root.is_dir():
+        raise GcvimoeError(
+            f"Fashion-MNIST folder {root} not found; pass --data-dir DIR with the four IDX files, set "
+            f"{FASHION_MNIST_ENV}, or install them with `apt-get install dataset-fashion-mnist`")
+    return root
+
+
 def _find(root: Path, stem: str) -> Path:
     for name in (stem, stem + ".gz"):
         if (root / name).is_file():
@@ -50,16 +63,13 @@ class FashionMNIST(ArrayImageDataset):
     """Fashion-MNIST as grayscale PIL images: 60000 train and 10000 val (the official test set) images.
 
     Args:
-        root: Folder with ``train-images-idx3-ubyte.gz`` and the three other IDX files.
+        root: Folder with ``train-images-idx3-ubyte.gz`` and the three other IDX files ('' = :func:`fashion_mnist_dir`).
         split: 'train' or 'val'.
         transform: Applied to each PIL image.
     """
 
-    def __init__(self, root: str = FASHION_MNIST_DIR, split: str = "train", transform: Optional[Callable] = None):
-        root = Path(root or FASHION_MNIST_DIR)
-        if not root.is_dir():
-            raise GcvimoeError(
-                f"Fashion-MNIST folder {root} not found; apt-get install dataset-fashion-mnist or pass --data-dir")
+    def __init__(self, root: str = "", split: str = "train", transform: Optional[Callable] = None):
+        root = fashion_mnist_dir(root)
         prefix = _PREFIX[split]
         self.images = read_idx(_find(root, f"{prefix}-images-idx3-ubyte"))
         self.targets = read_idx(_find(root, f"{prefix}-labels-idx1-ubyte")).astype(np.int64)

@@ -1,11 +1,10 @@
 """Build gcvimoe models by name, remembering the arguments so a checkpoint can rebuild the model on its own."""
-import difflib
 from typing import List
 
 import timm
 import torch.nn as nn
 
-from gcvimoe.errors import GcvimoeError
+from gcvimoe.errors import GcvimoeError, did_you_mean
 
 
 def list_models() -> List[str]:
@@ -29,7 +28,6 @@ def create_model(model_name: str, **kwargs) -> nn.Module:
     """
     names = list_models()
     if model_name not in names:
-        close = difflib.get_close_matches(model_name, names, n=3)
-        hint = f"did you mean {', '.join(close)}?" if close else f"choose one of {', '.join(names)}"
+        hint = did_you_mean(model_name, names, fallback=f"choose one of {', '.join(names)}")
         raise GcvimoeError(f"unknown model {model_name!r}: {hint}")
     return timm.create_model(model_name, **kwargs)

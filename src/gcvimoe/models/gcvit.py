@@ -11,11 +11,9 @@ strictly. The implementation differs where it pays:
   LayerNorm, MLP and MoE (all per token) run in that order and the stage partitions and restores windows once,
   not twice per block.
 - Attention runs through ``F.scaled_dot_product_attention`` with the relative position bias as the additive mask;
-  CPU training uses one hand-differentiated node instead (:mod:`gcvimoe.models.attention`), which beats both SDPA's
-  CPU backward and autograd over the plain ops.
-- Without autograd (inference) a block adds each branch into the residual stream in place, as the beta = 1 term
-  of the branch's output GEMM (layer scale folded into the weight), and runs GELU in place: fewer passes over
-  memory, the same numbers.
+  CPU training uses one hand-differentiated node instead when that kernel is on (:mod:`gcvimoe.kernels.attention`).
+- Without autograd (inference) a block adds each branch into the residual stream in place when that kernel is on
+  (:mod:`gcvimoe.kernels.residual`): fewer passes over memory, the same numbers.
 - Any input size runs: windows are clipped to the feature map, maps that the window does not divide are padded
   (padded keys masked, padded tokens kept out of the MLP/MoE), and the global query is resized to the window when
   the tower's output does not match it. Relative position tables are resized on load when the window changes.
@@ -39,10 +37,12 @@ from timm.models import build_model_with_cfg, generate_default_cfgs, register_mo
 from timm.models._features import feature_take_indices
 
 from gcvimoe.errors import GcvimoeError
-from gcvimoe.models.attention import biased_attention, relative_bias, relative_offset_one_hot
-from gcvimoe.models.conv import PatchGradConv2d
-from gcvimoe.models.placement import MoEPlacement, resolve_moe_blocks
-from gcvimoe.moe.experts import activation_into
+from gcvimoe import kernels
+from gcvimoe.kernels.attention import biased_attention
+from gcvimoe.kernels.residual import block_inference
+from gcvimoe.models.placement import resolve_moe_blocks
+from gcvimoe.moe import MoE, MoEConfig
+from gcvimoe.moe.config import FIELDS as moe_config_fields
 
 __all__ = ['GlobalContextVit', 'checkpoint_filter_fn', 'VARIANTS']
 
@@ -80,7 +80,7 @@ class Downsample2d(nn.Module):
         self.norm1 = norm_layer(dim, **dd)
         self.conv_block = MbConvBlock(dim, act_layer=act_layer, **dd)
         # oneDNN's CPU weight gradient of this strided conv takes about twice its forward; a patch GEMM does not
-        self.reduction = PatchGradConv2d(dim, dim_out, 3, 2, 1, bias=False, **dd)
+        self.reduction = nn.Conv2d(dim, dim_out, 3, 2, 1, bias=False, **dd)
         self.norm2 = norm_layer(dim_out, **dd)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -127,8 +127,9 @@ class Stem(nn.Module):
 class RelativePositionBias(nn.Module):
     """Learned relative position bias for a ``window_size`` window, usable for any smaller window too.
 
-    The table holds one row per relative offset of the configured window, ``(2 wh - 1) * (2 ww - 1)`` rows; a smaller
-    runtime window (a feature map smaller than the window) uses the subset of offsets it spans.
+    The table holds one row per relative offset of the configured window, ``(2 wh - 1) * (2 ww - 1)`` rows, laid out
+    as timm's ``gen_relative_position_index`` lays them out; a smaller runtime window (a feature map smaller than the
+    window) uses the subset of offsets it spans.
     """
 
     def __init__(self, window_size: Tuple[int, int], num_heads: int, device=None, dtype=None):
@@ -138,39 +139,29 @@ class RelativePositionBias(nn.Module):
         num_offsets = (2 * self.window_size[0] - 1) * (2 * self.window_size[1] - 1)
         self.relative_position_bias_table = nn.Parameter(
             torch.empty(num_offsets, num_heads, device=device, dtype=dtype))
-        self._index_cache: Dict[tuple, tuple] = {}
-        self._bias_cache: Optional[tuple] = None
+        self._index_cache: Dict[tuple, torch.Tensor] = {}
         trunc_normal_(self.relative_position_bias_table, std=.02)
 
-    def _index(self, window: Tuple[int, int], device: torch.device, dtype: torch.dtype) -> tuple:
-        """The table row of every token pair of a ``window``, and the one-hot offsets the backward sums with."""
-        key = (window, device, dtype)
+    def _index(self, window: Tuple[int, int], device: torch.device) -> torch.Tensor:
+        """The table row of every token pair of a ``window`` ``[n * n]``."""
+        key = (window, device)
         index = self._index_cache.get(key)
         if index is None:
-            # offsets of the window (the configured one or a smaller one), laid out on the configured window's table
-            # as timm's gen_relative_position_index lays them out
             coords = torch.stack(torch.meshgrid(
                 torch.arange(window[0], device=device), torch.arange(window[1], device=device), indexing='ij',
             )).flatten(1)
             rel = coords[:, :, None] - coords[:, None, :]
-            rows = ((rel[0] + self.window_size[0] - 1) * (2 * self.window_size[1] - 1)
-                    + rel[1] + self.window_size[1] - 1).view(-1)
-            index = (rows, *(relative_offset_one_hot(size, table_size, device, dtype)
-                             for size, table_size in zip(window, self.window_size)))
+            index = ((rel[0] + self.window_size[0] - 1) * (2 * self.window_size[1] - 1)
+                     + rel[1] + self.window_size[1] - 1).view(-1)
             self._index_cache[key] = index
         return index
 
     def forward(self, window: Tuple[int, int], dtype: torch.dtype) -> torch.Tensor:
         """Returns the bias ``[1, heads, n, n]`` for a ``window`` (n = wh * ww tokens) in ``dtype``."""
         table = self.relative_position_bias_table
-        # without autograd the gathered bias is reused until the table changes (its version counter moves)
-        cache_key = (window, dtype, table.device, table._version)
-        if not torch.is_grad_enabled() and self._bias_cache is not None and self._bias_cache[0] == cache_key:
-            return self._bias_cache[1]
-        bias = relative_bias(table, *self._index(window, table.device, table.dtype)).to(dtype)
-        if not torch.is_grad_enabled():
-            self._bias_cache = (cache_key, bias)
-        return bias
+        n = window[0] * window[1]
+        rows = self._index(window, table.device)
+        return table[rows].t().reshape(1, self.num_heads, n, n).to(dtype)
 
 
 def _autocast_enabled(device: torch.device) -> bool:
@@ -182,7 +173,7 @@ def _autocast_enabled(device: torch.device) -> bool:
 class WindowAttentionGlobal(nn.Module):
     """Multi-head attention within windows; with ``use_global`` the queries come from the stage's global tokens."""
 
-    def __init__(
+    def __init__(  # noqa: PLR0913  (flat keywords, as timm's modules)
             self,
             dim: int,
             num_heads: int,
@@ -215,6 +206,12 @@ class WindowAttentionGlobal(nn.Module):
         """Attention within windows, then the output projection; arguments as for :meth:`attend`."""
         return self.proj_drop(self.proj(self.attend(x, q_global, window, key_mask)))
 
+    def _use_attention_kernel(self, x: torch.Tensor) -> bool:
+        """CPU training without attention dropout, autocast or compilation (see :mod:`gcvimoe.kernels.attention`)."""
+        return (kernels.enabled('attention') and torch.is_grad_enabled() and x.device.type == 'cpu'
+                and (self.attn_drop == 0 or not self.training) and not _autocast_enabled(x.device)
+                and not torch.compiler.is_compiling())
+
     def attend(
             self,
             x: torch.Tensor,
@@ -239,14 +236,8 @@ class WindowAttentionGlobal(nn.Module):
         bias = self.rel_pos(window, q.dtype)
         if key_mask is not None:
             bias = bias + key_mask.to(q.dtype)
-        if torch.is_grad_enabled() and x.device.type == 'cpu':
-            # the CPU flash kernel's backward is slower than plain batched matmuls for these small windows
-            if (self.attn_drop == 0 or not self.training) and not _autocast_enabled(x.device) \
-                    and not torch.compiler.is_compiling():
-                x = biased_attention(q, k, v, bias, self.head_dim ** -0.5)
-            else:  # the plain ops: attention dropout, autocast's per-op dtypes, and graphs for inductor to fuse
-                attn = ((q * self.head_dim ** -0.5) @ k.transpose(-2, -1) + bias).softmax(-1)
-                x = F.dropout(attn, self.attn_drop, self.training) @ v
+        if self._use_attention_kernel(x):
+            x = biased_attention(q, k, v, bias, self.head_dim ** -0.5)
         else:
             x = F.scaled_dot_product_attention(
                 q, k, v, attn_mask=bias, dropout_p=self.attn_drop if self.training else 0.,
@@ -313,30 +304,10 @@ class WindowLayout:
         return self.key_mask.repeat(batch_size, 1, 1, 1)
 
 
-def _add_linear(x: torch.Tensor, inputs: torch.Tensor, linear: nn.Linear, layer_scale: nn.Module,
-                inplace: bool) -> torch.Tensor:
-    """``x + layer_scale(linear(inputs))`` without autograd, in ``x``'s memory when ``inplace``: one GEMM that
-    accumulates into the residual (beta = 1) instead of a GEMM, a scale and an add over separate tensors."""
-    weight, bias = linear.weight, linear.bias
-    if isinstance(layer_scale, LayerScale):
-        weight = weight * layer_scale.gamma[:, None]
-        bias = bias * layer_scale.gamma if bias is not None else None
-    if inplace and x.is_contiguous():
-        out = x if bias is None else x.add_(bias)
-    else:
-        out = torch.empty_like(x, memory_format=torch.contiguous_format)
-        if bias is None:
-            out.copy_(x)
-        else:
-            torch.add(x, bias, out=out)
-    out.view(-1, out.shape[-1]).addmm_(inputs.reshape(-1, inputs.shape[-1]), weight.t())
-    return out
-
-
 class GlobalContextVitBlock(nn.Module):
     """Pre-norm transformer block: ``x + attn(norm1(x))`` then ``x + mlp(norm2(x))``, the MLP dense or MoE."""
 
-    def __init__(
+    def __init__(  # noqa: PLR0913  (flat keywords, as timm's modules)
             self,
             dim: int,
             num_heads: int,
@@ -373,7 +344,6 @@ class GlobalContextVitBlock(nn.Module):
         self.norm2 = norm_layer(dim, **dd)
         hidden = int(dim * mlp_ratio)
         if moe_kwargs is not None:
-            from gcvimoe.moe import MoE  # the MoE layer knows nothing about images; the block only hosts it
             self.mlp = MoE(dim, hidden, act_layer=act_layer, drop=proj_drop, **moe_kwargs, **dd)
         else:
             self.mlp = Mlp(in_features=dim, hidden_features=hidden, act_layer=act_layer, drop=proj_drop, **dd)
@@ -384,7 +354,7 @@ class GlobalContextVitBlock(nn.Module):
     def is_moe(self) -> bool:
         return not isinstance(self.mlp, Mlp)
 
-    def _mlp(self, x: torch.Tensor, valid_index: Optional[torch.Tensor]) -> torch.Tensor:
+    def mlp_or_moe(self, x: torch.Tensor, valid_index: Optional[torch.Tensor]) -> torch.Tensor:
         if valid_index is None:
             return self.mlp(x)
         # padding tokens take no expert capacity and no compute
@@ -408,41 +378,21 @@ class GlobalContextVitBlock(nn.Module):
             owns_input: Inference may write the residual stream into ``x`` (the stage's own tensor, no one else's).
         """
         # (under autocast the branches come out in half precision and the fp32 residual cannot take them in place)
-        if not self.training and not torch.is_grad_enabled() and not _autocast_enabled(x.device):
-            return self._forward_inference(x, q_global, layout, key_mask, owns_input)
+        if (not self.training and not torch.is_grad_enabled() and not _autocast_enabled(x.device)
+                and kernels.enabled('inplace_residual')):
+            return block_inference(self, x, q_global, layout, key_mask, owns_input)
         b, length, c = x.shape
         windows = self.norm1(x).view(b * layout.num_windows, layout.tokens_per_window, c)
         attn = self.attn(windows, q_global, layout.window, key_mask).view(b, length, c)
         x = x + self.drop_path1(self.ls1(attn))
-        x = x + self.drop_path2(self.ls2(self._mlp(self.norm2(x), layout.valid_index)))
+        x = x + self.drop_path2(self.ls2(self.mlp_or_moe(self.norm2(x), layout.valid_index)))
         return x
-
-    def _forward_inference(
-            self,
-            x: torch.Tensor,
-            q_global: torch.Tensor,
-            layout: WindowLayout,
-            key_mask: Optional[torch.Tensor],
-            owns_input: bool,
-    ) -> torch.Tensor:
-        """The same block without autograd, fewer passes over memory: each residual add is the beta=1 term of the
-        projection GEMM (layer scale folded into its weight), and GELU runs in place."""
-        b, length, c = x.shape
-        windows = self.norm1(x).view(b * layout.num_windows, layout.tokens_per_window, c)
-        attn = self.attn.attend(windows, q_global, layout.window, key_mask)
-        x = _add_linear(x, attn, self.attn.proj, self.ls1, inplace=owns_input)
-        mlp = self.mlp
-        if isinstance(mlp, Mlp) and layout.valid_index is None and isinstance(mlp.norm, nn.Identity):
-            hidden = mlp.fc1(self.norm2(x))
-            hidden = activation_into(mlp.act, hidden, out=hidden)
-            return _add_linear(x, hidden, mlp.fc2, self.ls2, inplace=True)
-        return x.add_(self.ls2(self._mlp(self.norm2(x), layout.valid_index)))
 
 
 class GlobalContextVitStage(nn.Module):
     """Optional downsample, the global-token tower, then ``depth`` blocks alternating local and global attention."""
 
-    def __init__(
+    def __init__(  # noqa: PLR0913  (flat keywords, as timm's modules)
             self,
             dim: int,
             depth: int,
@@ -558,16 +508,14 @@ class GlobalContextVit(nn.Module):
         proj_drop_rate: Dropout after attention projection and in MLPs.
         attn_drop_rate: Attention-probability dropout.
         drop_path_rate: Stochastic depth, rising linearly over blocks.
-        num_experts: Experts per MoE layer; 0 builds the dense GC ViT.
-        moe_blocks: Where the MoE layers go (see :func:`gcvimoe.models.placement.resolve_moe_blocks`); None uses the
-            Swin-MoE placement: every other block of stage 3 and block 1 of stage 4.
-        top_k, capacity_factor, eval_capacity_factor, router, normalize_gates, batch_priority, gate_noise,
-        expert_dropout, balance_loss, aux_loss_weight, z_loss_weight, shared_expert: Options of every MoE layer, see
-            :class:`gcvimoe.moe.MoE`. The defaults are the Swin-MoE / original GCViMoE recipe, with dropless
-            evaluation so that an image's prediction never depends on the rest of its batch.
+        moe: The MoE options (:class:`gcvimoe.moe.MoEConfig` or a dict of them); the default is the GCViMoE recipe
+            (:data:`gcvimoe.moe.GCVIMOE`: 8 experts, top-1, Swin-MoE placement, dropless evaluation).
+            ``num_experts=0`` builds the dense GC ViT.
+        **moe_options: MoE options as flat keywords (``num_experts=8, top_k=2``), as ``timm.create_model`` passes
+            them; they override ``moe``.
     """
 
-    def __init__(
+    def __init__(  # noqa: PLR0913  (flat keywords, as timm's modules)
             self,
             in_chans: int = 3,
             num_classes: int = 1000,
@@ -586,25 +534,14 @@ class GlobalContextVit(nn.Module):
             attn_drop_rate: float = 0.,
             drop_path_rate: float = 0.,
             norm_eps: float = 1e-5,
-            num_experts: int = 0,
-            moe_blocks: MoEPlacement = None,
-            top_k: int = 1,
-            capacity_factor: float = 1.25,
-            eval_capacity_factor: float = 0.0,
-            router: str = 'linear',
-            normalize_gates: bool = False,
-            batch_priority: bool = True,
-            gate_noise: float = 0.0,
-            expert_dropout: float = 0.1,
-            balance_loss: str = 'importance_load',
-            aux_loss_weight: float = 0.01,
-            z_loss_weight: float = 0.0,
-            shared_expert: bool = False,
+            moe: Union[MoEConfig, dict, None] = None,
             device=None,
             dtype=None,
+            **moe_options,
     ):
         super().__init__()
         dd = dict(device=device, dtype=dtype)
+        moe_config = MoEConfig.resolve(moe, **moe_options)
         act_layer = nn.GELU
         norm_layer = partial(LayerNorm2d, eps=norm_eps)
         norm_layer_cl = partial(nn.LayerNorm, eps=norm_eps)
@@ -621,18 +558,12 @@ class GlobalContextVit(nn.Module):
         self.global_pool = global_pool
         self.drop_rate = drop_rate
         self.img_size = img_size
-        self.num_experts = num_experts
+        self.moe_config = moe_config
+        self.num_experts = moe_config.num_experts
         self.num_features = self.head_hidden_size = int(embed_dim * 2 ** (num_stages - 1))
-        self.moe_blocks = resolve_moe_blocks(moe_blocks, depths) if num_experts > 0 else [[] for _ in depths]
-        moe_kwargs = None
-        if num_experts > 0:
-            moe_kwargs = dict(
-                num_experts=num_experts, top_k=top_k, capacity_factor=capacity_factor,
-                eval_capacity_factor=eval_capacity_factor, router=router, normalize_gates=normalize_gates,
-                batch_priority=batch_priority, gate_noise=gate_noise, expert_dropout=expert_dropout,
-                balance_loss=balance_loss, aux_loss_weight=aux_loss_weight, z_loss_weight=z_loss_weight,
-                shared_expert=shared_expert,
-            )
+        self.moe_blocks = ([[] for _ in depths] if moe_config.is_dense
+                           else resolve_moe_blocks(moe_config.moe_blocks, depths))
+        moe_kwargs = None if moe_config.is_dense else {'config': moe_config}
 
         self.stem = Stem(in_chans, embed_dim, act_layer=act_layer, norm_layer=norm_layer, **dd)
         dpr = calculate_drop_path_rates(drop_path_rate, list(depths), stagewise=True)
@@ -837,9 +768,6 @@ VARIANTS: Dict[str, dict] = {
     'large': dict(embed_dim=192, depths=(3, 4, 19, 5), num_heads=(6, 12, 24, 48), mlp_ratio=2., layer_scale=1e-5),
 }
 
-# GCViMoE defaults (the Swin-MoE / original GCViMoE recipe); num_experts=0 turns them off.
-MOE_DEFAULTS = dict(num_experts=8)
-
 default_cfgs = generate_default_cfgs({
     f'gcvimoe_{size}': _cfg(input_size=(1 if size == 'nano' else 3, *to_2tuple(arch.get('img_size', 224))),
                             pool_size=(1, 1) if size == 'nano' else (7, 7))
@@ -852,14 +780,15 @@ _CONSTRUCTOR_ARGS = frozenset(inspect.signature(GlobalContextVit.__init__).param
 
 def _variant(size: str, pretrained: bool, **kwargs) -> GlobalContextVit:
     model_args = dict(VARIANTS[size])
-    model_args.update(MOE_DEFAULTS)
     if size == 'nano':
         model_args.update(in_chans=1)
     model_args.update(kwargs)
     model = _create_gcvimoe(f'gcvimoe_{size}', pretrained=pretrained, **model_args)
     # what a checkpoint needs to rebuild this model: the name and the arguments that differ from the variant's
     model.model_name = f'gcvimoe_{size}'
-    model.model_args = {k: v for k, v in kwargs.items() if k in _CONSTRUCTOR_ARGS}
+    moe_options = {k: v for k, v in kwargs.items() if k in moe_config_fields}
+    model.model_args = {k: v for k, v in kwargs.items() if k in _CONSTRUCTOR_ARGS and k != 'moe'}
+    model.model_args['moe'] = MoEConfig.resolve(kwargs.get('moe'), **moe_options).to_dict()
     return model
 
 

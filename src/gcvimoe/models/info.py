@@ -1,14 +1,11 @@
-"""`gcvimoe info MODEL`: total and active parameters, MACs per image, and where the MoE layers are."""
-import argparse
-import json
-from dataclasses import asdict, dataclass
+"""Model size: total and active parameters, MACs per image, and where the MoE layers are."""
+from dataclasses import dataclass
 from typing import List, Optional, Sequence
 
 import torch
 import torch.nn as nn
 from torch.utils.flop_counter import FlopCounterMode, mm_flop, register_flop_formula, sdpa_flop_count
 
-from gcvimoe.errors import GcvimoeError
 
 aten = torch.ops.aten
 
@@ -97,37 +94,3 @@ def model_info(model_name: str, input_size: Optional[Sequence[int]] = None, **kw
         num_experts=num_experts if layers else 0,
         top_k=top_k,
     )
-
-
-def configure(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument('model', help='model name, e.g. gcvimoe_tiny')
-    parser.add_argument('--img-size', type=int, default=None, help='input resolution (default: the model\'s)')
-    parser.add_argument('--in-chans', type=int, default=None, help='input channels (default: the model\'s)')
-    parser.add_argument('--num-experts', type=int, default=None, help='experts per MoE layer (0 = dense)')
-    parser.add_argument('--top-k', type=int, default=None, help='experts per token')
-    parser.add_argument('--num-classes', type=int, default=None, help='classifier outputs')
-    parser.add_argument('--json', action='store_true', help='print one JSON object')
-
-
-def run(args: argparse.Namespace) -> int:
-    kwargs = {k: v for k, v in dict(
-        img_size=args.img_size, in_chans=args.in_chans, num_experts=args.num_experts, top_k=args.top_k,
-        num_classes=args.num_classes).items() if v is not None}
-    input_size = None
-    if args.img_size is not None:
-        input_size = [args.in_chans or 3, args.img_size, args.img_size]
-    info = model_info(args.model, input_size=input_size, **kwargs)
-    if args.json:
-        print(json.dumps(asdict(info)))
-        return 0
-    print(f"model            {info.model}  (input {'x'.join(map(str, info.input_size))})")
-    print(f"parameters       {info.total_params / 1e6:.2f} M total, {info.active_params / 1e6:.2f} M active per token")
-    print(f"MACs per image   {info.macs / 1e9:.3f} G active"
-          + (f", {info.dense_macs / 1e9:.3f} G for the dense twin ({info.macs / info.dense_macs:.3f}x)"
-             if info.dense_macs else ""))
-    if info.num_moe_layers:
-        print(f"MoE layers       {info.num_moe_layers} x {info.num_experts} experts, top-{info.top_k}: "
-              + ", ".join(name.removesuffix('.mlp') for name in info.moe_layers))
-    else:
-        print("MoE layers       none (dense)")
-    return 0

@@ -11,11 +11,10 @@ Accepted forms (stages and blocks are 0-based in lists, 1-based in sentences, as
 - ``"all"`` and ``"none"``.
 """
 import re
-from typing import List, Optional, Sequence, Union
+from typing import List, Sequence
 
 from gcvimoe.errors import GcvimoeError
-
-MoEPlacement = Optional[Union[str, Sequence[Sequence[int]]]]
+from gcvimoe.moe.config import MoEPlacement
 
 _EVERY = re.compile(
     r'^every\s*(?:(\d+)\s*(?:st|nd|rd|th)?\s*)?(?:other\s*)?blocks?\s*(?:of|in)\s*stages?\s*(\d+)\s*(?:-\s*(\d+))?$')

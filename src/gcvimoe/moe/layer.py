@@ -16,6 +16,7 @@ from timm.layers import Mlp
 from torch import Tensor, nn
 
 from gcvimoe.errors import GcvimoeError
+from gcvimoe.moe.config import MoEConfig
 from gcvimoe.moe.dispatch import DispatchPlan, expert_capacity, plan_dispatch
 from gcvimoe.moe.experts import Experts
 from gcvimoe.moe.losses import gshard_balance_loss, importance_loss, load_loss, z_loss
@@ -23,14 +24,6 @@ from gcvimoe.moe.router import (
     CosineRouter, LinearRouter, Routing, expert_choice_routing, expert_probs, top_k_routing,
 )
 from gcvimoe.moe.stats import MoEReport, RoutingStats, routing_stats
-
-ROUTERS = ('linear', 'cosine', 'expert_choice')
-BALANCE_LOSSES = ('gshard', 'importance_load', 'none')
-
-
-def _check(condition: bool, message: str):
-    if not condition:
-        raise ValueError(message)
 
 
 class MoE(nn.Module):
@@ -47,24 +40,9 @@ class MoE(nn.Module):
         act_layer: Activation module class of the experts.
         drop: Dropout after the activation and after fc2, as in timm's ``Mlp`` (a float or a pair).
         bias: Biases in fc1 and fc2 (a bool or a pair; Swin-MoE uses ``(True, False)``).
-        num_experts: Experts ``e``.
-        top_k: Experts per token ``k``; for expert choice, ``k`` scales the tokens each expert takes.
-        capacity_factor: Training capacity factor; an expert takes ``k * int(factor * ceil(t / e))`` assignments of a
-            batch of ``t`` tokens, 0 means no limit (dropless).
-        eval_capacity_factor: The same in eval mode; the default 0 is dropless, so a prediction never depends on the
-            rest of the batch. Expert choice always has a capacity: there 0 stands for a factor of 1.
-        router: ``'linear'`` (top-k of a softmax over all experts), ``'cosine'`` (Swin-MoE's cosine similarity with a
-            learned temperature) or ``'expert_choice'`` (every expert picks its tokens; linear scores).
-        normalize_gates: Divide a token's ``k`` gates by their sum, before capacity drops; with ``k = 1`` the gate is 1.
-        batch_priority: Batch-priority routing: tokens with a higher top-1 probability claim slots first.
-        gate_noise: Noisy routing in training: Gaussian noise of std ``gate_noise / e`` on the logits (V-MoE, Tutel).
-        expert_dropout: Extra dropout on the experts' hidden activations (Swin-MoE).
-        balance_loss: ``'gshard'`` (``e * sum_e mean_t(p_te) * f_e``), ``'importance_load'`` (V-MoE; the mean of the
-            importance and load losses, the load loss only with gate noise) or ``'none'``.
-        aux_loss_weight: Weight of the balance loss in ``aux_loss``.
-        z_loss_weight: Weight of the ST-MoE router z-loss in ``aux_loss``.
-        shared_expert: Add a dense ``Mlp`` beside the experts, mixed per token by a learned softmax coefficient
-            (DeepSpeed's residual MoE).
+        config: The MoE options (:class:`gcvimoe.moe.MoEConfig`; default: its generic defaults).
+        **options: MoE options by name, over ``config`` (``num_experts=8, top_k=2``); the placement ``moe_blocks``
+            is the model's business and ignored here.
 
     Read after a forward pass (a pass without autograd computes them when first read, so inference that never
     reads them does not pay for them):
@@ -73,7 +51,7 @@ class MoE(nn.Module):
         stats: :class:`RoutingStats` of the pass.
     """
 
-    def __init__(
+    def __init__(  # noqa: PLR0913  (flat keywords, as timm's Mlp)
             self,
             in_features: int,
             hidden_features: Optional[int] = None,
@@ -82,60 +60,39 @@ class MoE(nn.Module):
             drop: Union[float, Tuple[float, float]] = 0.,
             bias: Union[bool, Tuple[bool, bool]] = True,
             *,
-            num_experts: int,
-            top_k: int = 1,
-            capacity_factor: float = 1.25,
-            eval_capacity_factor: float = 0.0,
-            router: str = 'linear',
-            normalize_gates: bool = False,
-            batch_priority: bool = True,
-            gate_noise: float = 0.0,
-            expert_dropout: float = 0.0,
-            balance_loss: str = 'gshard',
-            aux_loss_weight: float = 0.01,
-            z_loss_weight: float = 0.0,
-            shared_expert: bool = False,
+            config: Optional[MoEConfig] = None,
             device=None,
             dtype=None,
+            **options,
     ):
         super().__init__()
         dd = dict(device=device, dtype=dtype)
+        config = MoEConfig.resolve(config, base=MoEConfig(), **options)
+        if config.num_experts < 1:
+            raise GcvimoeError(f"num_experts must be an integer >= 1, got {config.num_experts} (an MoE layer needs "
+                               f"experts)")
         hidden_features = hidden_features or in_features
         out_features = out_features or in_features
-        _check(isinstance(num_experts, int) and num_experts >= 1,
-               f"num_experts must be an integer >= 1, got {num_experts!r}")
-        _check(isinstance(top_k, int) and 1 <= top_k <= num_experts,
-               f"top_k must be an integer in [1, num_experts={num_experts}], got {top_k!r}")
-        _check(capacity_factor >= 0, f"capacity_factor must be >= 0 (0 = dropless), got {capacity_factor}")
-        _check(eval_capacity_factor >= 0,
-               f"eval_capacity_factor must be >= 0 (0 = dropless), got {eval_capacity_factor}")
-        _check(router in ROUTERS, f"router must be one of {ROUTERS}, got {router!r}")
-        _check(balance_loss in BALANCE_LOSSES, f"balance_loss must be one of {BALANCE_LOSSES}, got {balance_loss!r}")
-        _check(gate_noise >= 0, f"gate_noise must be >= 0, got {gate_noise}")
-        _check(gate_noise == 0 or router != 'expert_choice',
-               f"gate_noise applies to the token-choice routers ('linear', 'cosine'), got {gate_noise} with "
-               f"router='expert_choice'")
-        _check(0 <= expert_dropout < 1, f"expert_dropout must be in [0, 1), got {expert_dropout}")
-        _check(aux_loss_weight >= 0 and z_loss_weight >= 0,
-               f"aux_loss_weight and z_loss_weight must be >= 0, got {aux_loss_weight} and {z_loss_weight}")
+        self.config = config
         self.in_features = in_features
         self.hidden_features = hidden_features
         self.out_features = out_features
-        self.num_experts = num_experts
-        self.top_k = top_k
-        self.capacity_factor = capacity_factor
-        self.eval_capacity_factor = eval_capacity_factor
-        self.router_type = router
-        self.normalize_gates = normalize_gates
-        self.batch_priority = batch_priority
-        self.gate_noise = gate_noise
-        self.balance_loss = balance_loss
-        self.aux_loss_weight = aux_loss_weight
-        self.z_loss_weight = z_loss_weight
+        self.num_experts = config.num_experts
+        self.top_k = config.top_k
+        self.capacity_factor = config.capacity_factor
+        self.eval_capacity_factor = config.eval_capacity_factor
+        self.router_type = router = config.router
+        self.normalize_gates = config.normalize_gates
+        self.batch_priority = config.batch_priority
+        self.gate_noise = config.gate_noise
+        self.balance_loss = config.balance_loss
+        self.aux_loss_weight = config.aux_loss_weight
+        self.z_loss_weight = config.z_loss_weight
+        expert_dropout, shared_expert = config.expert_dropout, config.shared_expert
 
         router_class = CosineRouter if router == 'cosine' else LinearRouter
-        self.router = router_class(in_features, num_experts, **dd)
-        self.experts = Experts(num_experts, in_features, hidden_features, out_features, act_layer=act_layer,
+        self.router = router_class(in_features, self.num_experts, **dd)
+        self.experts = Experts(self.num_experts, in_features, hidden_features, out_features, act_layer=act_layer,
                                drop=drop, expert_dropout=expert_dropout, bias=bias, **dd)
         if shared_expert:
             self.shared_expert = Mlp(in_features, hidden_features, out_features, act_layer=act_layer, bias=bias,

@@ -13,7 +13,7 @@ exchanged first, so the splits are variable and dropless routing works. Usage, a
 
 Expert gradients sum the contributions of every process's tokens. When data parallelism averages the other
 gradients over the ``w`` processes, divide the expert gradients (``param.is_expert``) by ``w`` to match.
-``gcvimoe train --expert-parallel`` does all of this (:mod:`gcvimoe.engine.distributed`).
+``gcvimoe train --expert-parallel`` does all of this (:mod:`gcvimoe.train.distributed`).
 """
 import copy
 import functools

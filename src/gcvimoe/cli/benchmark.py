@@ -1,0 +1,62 @@
+"""`gcvimoe benchmark`: images per second and peak memory of a model, for inference or a train step.
+
+    gcvimoe benchmark --model gcvimoe_tiny --batch-size 8
+    gcvimoe benchmark --model gcvimoe_tiny --num-experts 0 --train --amp --amp-dtype bfloat16 --device cuda --compile
+
+For side-by-side comparisons against other implementations use the scripts in ``benchmarks/``.
+"""
+import argparse
+import json
+import warnings
+
+import torch
+
+from gcvimoe.cli._common import add_device, add_json, add_moe_options, moe_options
+from gcvimoe.train.benchmark import measure_throughput
+
+# the 0.1 spelling --amp bf16 / fp16, kept for one release
+_OLD_AMP = {'bf16': 'bfloat16', 'fp16': 'float16', 'none': None}
+
+
+def configure(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument('--model', required=True, help='a gcvimoe model name')
+    parser.add_argument('--batch-size', type=int, default=8, metavar='N')
+    parser.add_argument('--img-size', type=int, default=None, metavar='PX', help="default: the model's")
+    parser.add_argument('--train', action='store_true', help='time forward + backward instead of inference')
+    parser.add_argument('--steps', type=int, default=10, metavar='N', help='timed steps (after 2 warm-up steps)')
+    add_device(parser)
+    parser.add_argument('--amp', nargs='?', const='true', default='false', metavar='BOOL',
+                        help='mixed precision (autocast) in --amp-dtype')
+    parser.add_argument('--amp-dtype', default='bfloat16', choices=('bfloat16', 'float16'))
+    parser.add_argument('--compile', action='store_true', help='torch.compile the model')
+    parser.add_argument('--channels-last', action='store_true')
+    add_json(parser)
+    add_moe_options(parser)
+
+
+def _amp_dtype(args: argparse.Namespace):
+    amp = args.amp.lower()
+    if amp in _OLD_AMP:
+        if amp != 'none':
+            warnings.warn(f"--amp {amp} is deprecated; write --amp --amp-dtype {_OLD_AMP[amp]}", FutureWarning,
+                          stacklevel=2)
+        name = _OLD_AMP[amp]
+    else:
+        name = args.amp_dtype if amp in ('true', 'yes', 'on', '1') else None
+    return getattr(torch, name) if name else None
+
+
+def run(args: argparse.Namespace) -> int:
+    result = measure_throughput(
+        args.model, batch_size=args.batch_size, img_size=args.img_size, train=args.train, steps=args.steps,
+        device=args.device, amp_dtype=_amp_dtype(args), compile=args.compile, channels_last=args.channels_last,
+        **moe_options(args))
+    if args.json:
+        print(json.dumps(result))
+    else:
+        height, width = result['img_size']
+        print(f"{args.model} {result['mode']} on {result['device']} ({result['amp']}, batch {args.batch_size}, "
+              f"{height}x{width}{', compiled' if args.compile else ''}): {result['images_per_s']:.1f} img/s, "
+              f"{result['step_ms']:.1f} ms/step (median of {args.steps}), "
+              f"peak memory {result['peak_memory_mib']:.0f} MiB")
+    return 0

@@ -1,0 +1,64 @@
+"""`gcvimoe convert`: upcycle dense GC ViT weights into a GCViMoE, or export a checkpoint as safetensors.
+
+    gcvimoe convert upcycle --model gcvimoe_tiny --checkpoint gcvit_tiny.pth --num-experts 8 --output moe.safetensors
+    gcvimoe convert export --checkpoint output/digits/best.pth --output digits.safetensors
+"""
+import argparse
+import json
+
+from gcvimoe.errors import GcvimoeError
+from gcvimoe.models import create_model_from_checkpoint, read_checkpoint, save_model, upcycle
+from gcvimoe.moe import moe_layers
+
+
+def configure(parser: argparse.ArgumentParser) -> None:
+    sub = parser.add_subparsers(dest='action', metavar='ACTION', required=True)
+    up = sub.add_parser('upcycle', help='every expert starts as a copy of the dense MLP it replaces')
+    up.add_argument('--model', required=True, help='target variant, e.g. gcvimoe_tiny')
+    up.add_argument('--checkpoint', required=True, help='dense weights: ours or timm gcvit_* (.pth or .safetensors)')
+    up.add_argument('--output', required=True, help='where to write the GCViMoE (.safetensors)')
+    up.add_argument('--num-experts', type=int, default=8)
+    up.add_argument('--top-k', type=int, default=1)
+    up.add_argument('--moe-blocks', default=None,
+                    help='placement, e.g. "every 2nd block of stages 3-4" or JSON [[-1],[-1],[1,3,5],[1]]')
+    up.add_argument('--noise-std', type=float, default=0.0, help='noise added to each expert copy')
+    up.add_argument('--num-classes', type=int, default=None, help='classes of the dense checkpoint\'s head')
+    up.add_argument('--img-size', type=int, default=None)
+    up.add_argument('--in-chans', type=int, default=None)
+    up.add_argument('--seed', type=int, default=0)
+    ex = sub.add_parser('export', help='write a checkpoint\'s model as .safetensors with its constructor arguments')
+    ex.add_argument('--checkpoint', required=True)
+    ex.add_argument('--output', required=True)
+
+
+def _placement(text):
+    if text is None:
+        return None
+    if text.lstrip().startswith('['):
+        try:
+            return json.loads(text)
+        except json.JSONDecodeError as e:
+            raise GcvimoeError(f"--moe-blocks {text!r} is not valid JSON ({e.msg}); write e.g. [[-1],[-1],[1,3],[1]]")
+    return text
+
+
+def run(args: argparse.Namespace) -> int:
+    if args.action == 'export':
+        model = create_model_from_checkpoint(args.checkpoint)
+        path = save_model(model, args.output)
+        print(f"wrote {path} ({model.model_name}, {sum(p.numel() for p in model.parameters()) / 1e6:.2f} M params)")
+        return 0
+    checkpoint = read_checkpoint(args.checkpoint)
+    state_dict, model_args = checkpoint.state_dict, dict(checkpoint.model_args)
+    # the dense file decides the head and stem widths unless told otherwise
+    head, stem = state_dict.get('head.fc.weight'), state_dict.get('stem.conv1.weight')
+    model_args.update({k: v for k, v in dict(
+        num_classes=args.num_classes if args.num_classes is not None else (None if head is None else head.shape[0]),
+        in_chans=args.in_chans if args.in_chans is not None else (None if stem is None else stem.shape[1]),
+        img_size=args.img_size).items() if v is not None})
+    model_args.update(num_experts=args.num_experts, top_k=args.top_k, moe_blocks=_placement(args.moe_blocks))
+    model = upcycle(args.model, state_dict, noise_std=args.noise_std, seed=args.seed, **model_args)
+    path = save_model(model, args.output)
+    print(f"wrote {path}: {args.model} with {len(list(moe_layers(model)))} MoE layers x {args.num_experts} experts, "
+          f"upcycled from {args.checkpoint}")
+    return 0

@@ -1,0 +1,93 @@
+"""``gcvimoe train``: a built-in or YAML config plus ``--key value`` overrides; see :mod:`gcvimoe.train.trainer`.
+
+Examples::
+
+    gcvimoe train                                          # gcvimoe_nano on the embedded digits
+    gcvimoe train -c fashion_mnist --epochs 5 --num-experts 4
+    gcvimoe train -c gcvimoe_tiny --data-dir /data/imagenet --output runs/tiny
+    gcvimoe train -c my_recipe.yaml --print-config         # the resolved config, then exit
+    gcvimoe train --output runs/tiny --resume auto         # continue runs/tiny from its last.pth
+    torchrun --nproc_per_node 2 -m gcvimoe train -c digits
+"""
+import argparse
+import dataclasses
+
+from gcvimoe.cli._common import PlotCallback, add_moe_options, metavar, moe_options
+from gcvimoe.errors import nearest
+from gcvimoe.moe import config as moe_config
+from gcvimoe.train.config import (
+    FIELD_TYPES, FIELDS, build_config, builtin_configs, config_yaml, parse_cli_value)
+from gcvimoe.train.state import find_resume_checkpoint, load_training_checkpoint
+
+_GROUPS = (
+    ("model", "model"), ("dataset", "data"), ("scale", "augmentation"), ("epochs", "optimisation"),
+    ("ema", "model averaging"), ("device", "runtime"), ("output", "output"),
+)
+
+
+def configure(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("-c", "--config", metavar="NAME|FILE",
+                        help=f"a built-in config ({', '.join(sorted(builtin_configs()))}) or a YAML file")
+    parser.add_argument("--resume", metavar="PATH",
+                        help="checkpoint to continue from, or 'auto' for the output folder's last.pth (if any)")
+    parser.add_argument("--print-config", action="store_true",
+                        help="print the resolved config (defaults < -c file < flags) as YAML and exit")
+    group = parser
+    for name, f in FIELDS.items():
+        heading = next((title for first, title in _GROUPS if first == name), None)
+        if heading is not None:
+            group = parser.add_argument_group(f"config keys: {heading}")
+        if name == "moe":
+            continue
+        is_bool = FIELD_TYPES[name] is bool
+        default = f.default_factory() if f.default is dataclasses.MISSING else f.default
+        group.add_argument(
+            f"--{name.replace('_', '-')}", dest=name, default=argparse.SUPPRESS, metavar=metavar(FIELD_TYPES[name]),
+            nargs="?" if is_bool else None, const="true" if is_bool else None,
+            help=f"{f.metadata['help']} (default: {default!r})")
+    add_moe_options(parser, "config keys: MoE options (the moe: section)")
+    _suggest_unknown_options(parser)
+
+
+def _suggest_unknown_options(parser: argparse.ArgumentParser) -> None:
+    """Make an unknown ``--option`` an error naming the nearest config key (argparse alone only lists it)."""
+    parse_known_args = parser.parse_known_args
+    keys = [*FIELDS, *moe_config.FIELDS]
+
+    def parse_with_suggestion(args=None, namespace=None):
+        namespace, extras = parse_known_args(args, namespace)
+        for arg in extras:
+            if arg.startswith("--"):
+                option = arg[2:].split("=", 1)[0].replace("-", "_")
+                close = nearest(option, keys)
+                hint = f"; did you mean --{close.replace('_', '-')}?" if close else "; see gcvimoe train --help"
+                parser.error(f"unknown option {arg.split('=', 1)[0]}{hint}")
+        return namespace, extras
+
+    parser.parse_known_args = parse_with_suggestion
+
+
+def config_from_args(args: argparse.Namespace):
+    """The effective config and the checkpoint to resume from (or None)."""
+    overrides = {name: parse_cli_value(name, getattr(args, name)) for name in FIELDS if hasattr(args, name)}
+    overrides.update(moe_options(args))
+    cfg = build_config(args.config, overrides)
+    checkpoint = None
+    if args.resume:
+        path = find_resume_checkpoint(args.resume, cfg.output)
+        if path is not None:
+            checkpoint = load_training_checkpoint(path)
+            cfg = build_config(args.config, overrides, base=checkpoint.get("config"))
+    return cfg, checkpoint
+
+
+def run(args: argparse.Namespace) -> int:
+    cfg, checkpoint = config_from_args(args)
+    if args.print_config:
+        print(config_yaml(cfg), end="")
+        return 0
+    from gcvimoe.train import train
+    if args.resume == "auto" and checkpoint is None:
+        print(f"resume auto: no last.pth in {cfg.output}, starting a new run")
+    train(cfg, resume=checkpoint, callbacks=[PlotCallback()])
+    return 0
