@@ -59,12 +59,21 @@ def _logits(first_choices, confidences, num_experts):
     return logits
 
 
+def kept_rows(plan):
+    """The rows the experts compute: the plan's prefix before the tail of dropped assignments."""
+    count = int(plan.tokens_per_expert.sum())
+    assert plan.kept.tolist() == [True] * count + [False] * (plan.kept.numel() - count)
+    assert (plan.gates[count:] == 0).all()  # a dropped assignment contributes nothing
+    return plan.token_index[:count].tolist()
+
+
 def test_capacity_keeps_first_tokens_in_token_order():
     # 6 tokens, 2 experts, capacity int(1.0 * ceil(6 / 2)) = 3: tokens 0-4 want expert 0, which keeps 0, 1, 2
     logits = _logits([0, 0, 0, 0, 0, 1], [1., 2., 3., 4., 5., 1.], num_experts=2)
     routing = top_k_routing(logits, top_k=1)
     plan = plan_dispatch(routing, num_experts=2, capacity=expert_capacity(6, 2, 1, 1.0))
-    assert plan.token_index.tolist() == [0, 1, 2, 5]
+    assert kept_rows(plan) == [0, 1, 2, 5]
+    assert plan.token_index.tolist() == [0, 1, 2, 5, 3, 4]  # every shape is static: the dropped follow as a tail
     assert plan.tokens_per_expert.tolist() == [3, 1]
     assert plan.requested_per_expert.tolist() == [5, 1]
 
@@ -72,7 +81,7 @@ def test_capacity_keeps_first_tokens_in_token_order():
 def test_one_assignment_over_capacity_is_dropped():
     logits = _logits([0, 0, 0, 0, 1, 1], [1., 2., 3., 4., 1., 2.], num_experts=2)  # expert 0: 4 tokens, capacity 3
     plan = plan_dispatch(top_k_routing(logits, top_k=1), num_experts=2, capacity=3)
-    assert plan.token_index.tolist() == [0, 1, 2, 4, 5]
+    assert kept_rows(plan) == [0, 1, 2, 4, 5]
 
 
 def test_batch_priority_keeps_most_confident_tokens():
@@ -80,7 +89,7 @@ def test_batch_priority_keeps_most_confident_tokens():
     logits = _logits([0, 0, 0, 0, 0, 1], [1., 2., 3., 4., 5., 1.], num_experts=2)
     routing = top_k_routing(logits, top_k=1)
     plan = plan_dispatch(routing, num_experts=2, capacity=3, batch_priority=True)
-    assert plan.token_index.tolist() == [4, 3, 2, 5]
+    assert kept_rows(plan) == [4, 3, 2, 5]
 
 
 def test_top2_first_choices_claim_slots_before_second_choices():
@@ -90,11 +99,11 @@ def test_top2_first_choices_claim_slots_before_second_choices():
     logits = torch.tensor([[3., 2., 0.], [3., 0., 2.], [3., 2., 0.], [2., 3., 0.]])
     routing = top_k_routing(logits, top_k=2)
     plan = plan_dispatch(routing, num_experts=3, capacity=2)
-    assert plan.token_index.tolist() == [0, 1, 3, 0, 1]
+    assert kept_rows(plan) == [0, 1, 3, 0, 1]
     assert plan.tokens_per_expert.tolist() == [2, 2, 1]
     probs = logits.softmax(-1)
     expected_gates = [probs[0, 0], probs[1, 0], probs[3, 1], probs[0, 1], probs[1, 2]]
-    torch.testing.assert_close(plan.gates, torch.stack(expected_gates))
+    torch.testing.assert_close(plan.gates[:5], torch.stack(expected_gates))
 
 
 def test_top2_batch_priority_orders_each_choice_by_top1_probability():
@@ -103,7 +112,7 @@ def test_top2_batch_priority_orders_each_choice_by_top1_probability():
     logits = torch.tensor([[3., 2., 0.], [4., 0., 2.], [5., 2., 0.], [2., 3.5, 0.]])
     routing = top_k_routing(logits, top_k=2)
     plan = plan_dispatch(routing, num_experts=3, capacity=2, batch_priority=True)
-    assert plan.token_index.tolist() == [2, 1, 3, 2, 1]
+    assert kept_rows(plan) == [2, 1, 3, 2, 1]
 
 
 def test_normalized_gates_are_divided_before_drops():
@@ -112,8 +121,9 @@ def test_normalized_gates_are_divided_before_drops():
     plan = plan_dispatch(routing, num_experts=3, capacity=2)
     top = logits.softmax(-1).topk(2).values
     normalized = top / top.sum(-1, keepdim=True)
-    torch.testing.assert_close(plan.gates, torch.stack([normalized[0, 0], normalized[1, 0], normalized[3, 0],
-                                                        normalized[0, 1], normalized[1, 1]]))
+    kept_rows(plan)
+    torch.testing.assert_close(plan.gates[:5], torch.stack([normalized[0, 0], normalized[1, 0], normalized[3, 0],
+                                                            normalized[0, 1], normalized[1, 1]]))
 
 
 def _identity_router_layer(**kwargs):

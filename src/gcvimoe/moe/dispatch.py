@@ -1,8 +1,9 @@
 """Dispatch and combine: apply expert capacity, group the kept assignments by expert, and sum expert outputs back.
 
-Nothing here is ``[t, e, c]``: the kept assignments are sorted by expert (a stable argsort, O(n log n) for
-``n = t * k`` assignments) so every expert reads one contiguous segment and no padding slot is ever computed. The
-CPU expert kernel combines inside its chunks; :func:`combine` serves the grouped-GEMM and expert-parallel paths.
+Nothing here is ``[t, e, c]``: the assignments are sorted by expert (a stable argsort, O(n log n) for ``n = t * k``
+assignments) so every expert reads one contiguous segment and no padding slot is ever computed; the ones capacity
+drops follow in a tail with gate 0. Shapes depend on ``(t, e, k)`` alone and nothing waits for the device. The CPU
+expert kernel combines inside its chunks; :func:`combine` serves the other paths.
 """
 import math
 from dataclasses import dataclass
@@ -16,19 +17,24 @@ from gcvimoe.moe.router import Routing
 
 @dataclass
 class DispatchPlan:
-    """The assignments that survived capacity, grouped by expert.
+    """Every assignment, grouped by expert, those that capacity dropped in a tail after the last expert's rows.
+
+    Every shape depends only on ``(t, e, k)``, never on the routing, and no value is read on the host, so the plan
+    runs inside one ``torch.compile`` graph and on a GPU without waiting for it.
 
     Attributes:
-        token_index: Token each kept assignment reads and writes ``[n]``, grouped by expert (expert 0's segment
-            first); within a segment assignments keep their slot-claiming order.
-        gates: Weight of each kept assignment's expert output ``[n]``.
+        token_index: Token each assignment reads and writes ``[n]``: expert 0's kept rows first, ..., then the
+            dropped rows; within a segment assignments keep their slot-claiming order.
+        gates: Weight of each assignment's expert output ``[n]``, 0 for a dropped one.
         tokens_per_expert: Kept assignments per expert ``[e]``, i.e. the segment lengths.
         requested_per_expert: Assignments per expert before capacity ``[e]``.
+        kept: Whether each row of ``token_index`` is computed ``[n]`` (the first ``tokens_per_expert.sum()`` rows).
     """
     token_index: Tensor
     gates: Tensor
     tokens_per_expert: Tensor
     requested_per_expert: Tensor
+    kept: Tensor
 
 
 def count_per_expert(expert_index: Tensor, num_experts: int) -> Tensor:
@@ -58,26 +64,33 @@ def plan_dispatch(routing: Routing, num_experts: int, capacity: Optional[int],
             layout of :func:`gcvimoe.moe.router.top_k_routing`.
 
     Returns:
-        The plan; an assignment that finds its expert full is absent from it.
+        The plan: all ``n`` assignments, a dropped one moved to the tail with gate 0.
     """
     expert_index = routing.expert_index
+    num_assignments = expert_index.numel()
     requested = count_per_expert(expert_index, num_experts)
-    if capacity is None or int(requested.max()) <= capacity:  # nothing to drop, so the claiming order is moot
+    rows = torch.arange(num_assignments, device=expert_index.device)
+    if capacity is None:
         order = torch.argsort(expert_index, stable=True)
         kept = requested
+        keep = torch.ones(num_assignments, dtype=torch.bool, device=expert_index.device)
     else:
-        claim_order = torch.arange(expert_index.numel(), device=expert_index.device)
-        if batch_priority:
-            num_tokens = routing.top1_prob.shape[0]
+        claim_order = rows
+        num_tokens = routing.top1_prob.shape[0]
+        if batch_priority and num_tokens:
             token_order = torch.argsort(routing.top1_prob, descending=True, stable=True)
             claim_order = claim_order.view(-1, num_tokens)[:, token_order].reshape(-1)
-        order = claim_order[torch.argsort(expert_index[claim_order], stable=True)]  # by expert, claim order inside
+        by_expert = claim_order[torch.argsort(expert_index[claim_order], stable=True)]  # claim order inside
         segment_start = requested.cumsum(0) - requested
-        slot = torch.arange(order.numel(), device=order.device) - segment_start[expert_index[order]]
-        order = order[slot < capacity]
+        slot = rows - segment_start[expert_index[by_expert]]
+        # a stable sort on "dropped" moves the dropped assignments behind the kept ones, each group in its order
+        tail_order = torch.argsort((slot >= capacity).to(torch.uint8), stable=True)
+        order = by_expert[tail_order]
         kept = requested.clamp(max=capacity)
-    return DispatchPlan(token_index=routing.token_index[order], gates=routing.gates[order], tokens_per_expert=kept,
-                        requested_per_expert=requested)
+        keep = rows < kept.sum()
+    gates = torch.where(keep, routing.gates[order], 0.)
+    return DispatchPlan(token_index=routing.token_index[order], gates=gates, tokens_per_expert=kept,
+                        requested_per_expert=requested, kept=keep)
 
 
 def combine(expert_out: Tensor, token_index: Tensor, num_tokens: int) -> Tensor:

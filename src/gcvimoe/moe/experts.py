@@ -5,7 +5,9 @@ The weights are stacked tensors (``fc1_weight [e, d, h]``, ``fc2_weight [e, h, d
 by expert) and return the gated, combined output per token, so no padding slot is ever computed.
 
 Paths, in order of preference: two ``F.grouped_mm`` calls (CUDA, bf16); the CPU expert kernel when
-:mod:`gcvimoe.kernels` has it on (eager CPU); otherwise a plain per-expert loop that autograd differentiates.
+:mod:`gcvimoe.kernels` has it on (eager CPU); otherwise the plain path, grouped GEMMs as custom operators
+(:mod:`gcvimoe.moe.grouped`) that autograd differentiates and ``torch.compile`` keeps in one graph. Rows after the
+last expert's (assignments dropped by capacity) produce nothing on every path.
 """
 import math
 from typing import Callable, Optional, Tuple, Union
@@ -18,6 +20,7 @@ from timm.layers import to_2tuple
 from gcvimoe import kernels
 from gcvimoe.kernels.experts import expert_mlp
 from gcvimoe.moe.dispatch import combine
+from gcvimoe.moe.grouped import group_of_rows, grouped_mm, rows_in_groups
 
 
 def _grouped_mm_supported(x: Tensor, weight: Tensor) -> bool:
@@ -26,15 +29,12 @@ def _grouped_mm_supported(x: Tensor, weight: Tensor) -> bool:
             and torch.cuda.get_device_capability(x.device) >= (8, 0))
 
 
-def _grouped_linear(rows: Tensor, weight: Tensor, bias: Optional[Tensor], tokens_per_expert: Tensor,
-                    offsets: Tensor) -> Tensor:
-    out = F.grouped_mm(rows, weight, offs=offsets)
+def _add_bias(out: Tensor, bias: Optional[Tensor], row_expert: Tensor) -> Tensor:
+    """``out + bias[expert of each row]``, in the bias's own (fp32) precision, so its gradient, a sum over every row
+    of an expert, accumulates in fp32 as a dense layer's does; summed in bf16 it drifts by several per cent."""
     if bias is None:
         return out
-    # the bias is added in its own (fp32) precision, so its gradient, a sum over every row of an expert, accumulates
-    # in fp32 as a dense layer's does; summed in bf16 it drifts by several per cent
-    rows_bias = bias.repeat_interleave(tokens_per_expert, dim=0, output_size=rows.shape[0])
-    return (out.to(bias.dtype) + rows_bias).to(out.dtype)
+    return (out.to(bias.dtype) + bias[row_expert]).to(out.dtype)
 
 
 class Experts(nn.Module):
@@ -127,32 +127,34 @@ class Experts(nn.Module):
                 out = expert_mlp(x, tuple(params), gates, token_index, tokens_per_expert, self.act,
                                  self.drop1.p if self.training else 0.)
             else:
-                out = self._loop_forward(x, params, tokens_per_expert, token_index, gates)
+                out = self._static_forward(x, params, tokens_per_expert, token_index, gates)
         return self.drop2(out)
 
-    def _loop_forward(self, x, params, tokens_per_expert, token_index, gates):
-        """The plain path: one fc1/activation/dropout/fc2 per expert over its rows, differentiated by autograd."""
+    def _static_forward(self, x, params, tokens_per_expert, token_index, gates):
+        """The plain path: gather, grouped GEMMs (:mod:`gcvimoe.moe.grouped`), activation, dropout, gate, combine.
+        Every shape depends on ``x`` and ``token_index`` alone, so it compiles into one graph."""
         fc1_weight, fc1_bias, fc2_weight, fc2_bias = params
+        num_rows = token_index.shape[0]
+        row_expert = group_of_rows(tokens_per_expert, num_rows)
         rows = x.index_select(0, token_index)
-        outputs = []
-        for expert, expert_rows in enumerate(rows.split(tokens_per_expert.tolist())):
-            hidden = expert_rows @ fc1_weight[expert]
-            if fc1_bias is not None:
-                hidden = hidden + fc1_bias[expert]
-            out = self.drop1(self.act(hidden)) @ fc2_weight[expert]
-            outputs.append(out if fc2_bias is None else out + fc2_bias[expert])
-        out = torch.cat(outputs) if outputs else rows.new_zeros(0, self.out_features)
+        hidden = _add_bias(grouped_mm(rows, fc1_weight, tokens_per_expert), fc1_bias, row_expert)
+        out = _add_bias(grouped_mm(self.drop1(self.act(hidden)), fc2_weight, tokens_per_expert), fc2_bias, row_expert)
+        out = torch.where(rows_in_groups(tokens_per_expert, num_rows)[:, None], out, 0)  # the tail: no expert
         if gates is not None:
             out = out * gates.unsqueeze(1)
         return combine(out, token_index, x.shape[0])
 
     def _grouped_mm_forward(self, x, params, tokens_per_expert, token_index, gates):
-        """The experts as two grouped GEMMs over all rows (CUDA), differentiated by autograd."""
+        """The experts as two ``F.grouped_mm`` calls over all rows (CUDA, bf16), differentiated by autograd."""
         fc1_weight, _, fc2_weight, _ = params
-        fc1_bias, fc2_bias = self.fc1_bias, self.fc2_bias  # kept in the parameters' dtype, see _grouped_linear
+        fc1_bias, fc2_bias = self.fc1_bias, self.fc2_bias  # kept in the parameters' dtype, see _add_bias
+        num_rows = token_index.shape[0]
         offsets = tokens_per_expert.cumsum(0).to(torch.int32)
-        hidden = _grouped_linear(x.index_select(0, token_index), fc1_weight, fc1_bias, tokens_per_expert, offsets)
-        out = _grouped_linear(self.drop1(self.act(hidden)), fc2_weight, fc2_bias, tokens_per_expert, offsets)
+        row_expert = group_of_rows(tokens_per_expert, num_rows)
+        hidden = _add_bias(F.grouped_mm(x.index_select(0, token_index), fc1_weight, offs=offsets), fc1_bias,
+                           row_expert)
+        out = _add_bias(F.grouped_mm(self.drop1(self.act(hidden)), fc2_weight, offs=offsets), fc2_bias, row_expert)
+        out = torch.where(rows_in_groups(tokens_per_expert, num_rows)[:, None], out, 0)  # rows past the last offset
         if gates is not None:
             out = out * gates.unsqueeze(1)
         return combine(out, token_index, x.shape[0])

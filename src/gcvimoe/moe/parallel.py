@@ -110,6 +110,10 @@ class ExpertParallelExperts(Experts):
         Returns:
             ``[t, d_out]``, as :meth:`Experts.forward` with all experts.
         """
+        # only the kept rows travel: the all-to-all's sizes are read on the host anyway (it runs outside a graph)
+        num_kept = int(tokens_per_expert.sum())
+        token_index = token_index[:num_kept]
+        gates = None if gates is None else gates[:num_kept]
         rows = x.index_select(0, token_index)
         send_counts = tokens_per_expert.reshape(self.world_size, self.num_experts)  # [w, e_local]
         recv_counts = torch.empty_like(send_counts)  # row s: what process s sends to each local expert

@@ -57,13 +57,14 @@ def routing_stats(routing: Routing, plan: DispatchPlan, input_shape: torch.Size)
     num_tokens = routing.probs.shape[0]
     requested = plan.requested_per_expert
     kept = plan.tokens_per_expert
-    tokens_with_output = torch.zeros(num_tokens, dtype=torch.bool, device=kept.device)
-    tokens_with_output[plan.token_index] = True
+    # kept rows per token (a scatter of counts: no boolean indexing, so no data-dependent shape)
+    rows_per_token = torch.zeros(num_tokens, dtype=torch.long, device=kept.device)
+    rows_per_token.index_add_(0, plan.token_index, plan.kept.long())
     return RoutingStats(
         tokens_per_expert=requested,
         kept_tokens_per_expert=kept,
         dropped_fraction=(requested.sum() - kept.sum()) / requested.sum().clamp(min=1),
-        unrouted_fraction=(~tokens_with_output).sum() / max(num_tokens, 1),  # 0, not NaN, for an empty batch
+        unrouted_fraction=(rows_per_token == 0).sum() / max(num_tokens, 1),  # 0, not NaN, for an empty batch
         router_entropy=torch.special.entr(routing.probs).sum() / max(num_tokens, 1),
         top1_expert=routing.top1_expert.reshape(input_shape),
     )
