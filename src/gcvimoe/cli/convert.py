@@ -1,13 +1,15 @@
-"""`gcvimoe convert`: upcycle dense GC ViT weights into a GCViMoE, or export a checkpoint as safetensors.
+"""`gcvimoe convert`: upcycle dense GC ViT weights into a GCViMoE, export a checkpoint as safetensors or ONNX.
 
     gcvimoe convert upcycle --model gcvimoe_tiny --checkpoint gcvit_tiny.pth --num-experts 8 --output moe.safetensors
     gcvimoe convert export --checkpoint output/digits/best.pth --output digits.safetensors
+    gcvimoe convert onnx --checkpoint output/digits/best.pth --output digits.onnx
 """
 import argparse
 import json
 
 from gcvimoe.errors import GcvimoeError
 from gcvimoe.models import create_model_from_checkpoint, read_checkpoint, save_model, upcycle
+from gcvimoe.models.export import export_onnx, onnx_max_difference
 from gcvimoe.moe import moe_layers
 
 
@@ -29,6 +31,10 @@ def configure(parser: argparse.ArgumentParser) -> None:
     ex = sub.add_parser('export', help='write a checkpoint\'s model as .safetensors with its constructor arguments')
     ex.add_argument('--checkpoint', required=True)
     ex.add_argument('--output', required=True)
+    onnx = sub.add_parser('onnx', help='write the eval model as ONNX (dynamic batch; MoE layers export dropless)')
+    onnx.add_argument('--checkpoint', required=True)
+    onnx.add_argument('--output', required=True)
+    onnx.add_argument('--no-check', action='store_true', help='skip comparing onnxruntime with PyTorch')
 
 
 def _placement(text):
@@ -42,7 +48,25 @@ def _placement(text):
     return text
 
 
+def _onnx(args: argparse.Namespace) -> int:
+    model = create_model_from_checkpoint(args.checkpoint)
+    layers = dict(moe_layers(model))
+    if layers and any(layer.eval_capacity_factor > 0 for layer in layers.values()):
+        print(f"note: {args.checkpoint} evaluates with capacity (eval_capacity_factor "
+              f"{next(iter(layers.values())).eval_capacity_factor}); the ONNX export is dropless: every token gets "
+              f"its experts")
+    path = export_onnx(model, args.output)
+    what = f"{len(layers)} MoE layers, dropless" if layers else "dense"
+    print(f"wrote {path} ({model.model_name}, {what}, dynamic batch)")
+    if not args.no_check:
+        print(f"onnxruntime vs PyTorch logits, random batch of 2: max abs difference "
+              f"{onnx_max_difference(model, path):.2e}")
+    return 0
+
+
 def run(args: argparse.Namespace) -> int:
+    if args.action == 'onnx':
+        return _onnx(args)
     if args.action == 'export':
         model = create_model_from_checkpoint(args.checkpoint)
         path = save_model(model, args.output)

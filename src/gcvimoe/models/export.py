@@ -1,4 +1,4 @@
-"""Writing models: safetensors exports that rebuild their model alone, and sparse upcycling of dense weights."""
+"""Writing models: safetensors exports that rebuild their model alone, ONNX graphs, and sparse upcycling."""
 import json
 from pathlib import Path
 from typing import Dict
@@ -23,6 +23,44 @@ def save_model(model: nn.Module, path: PathLike) -> Path:
     with atomic_path(path) as tmp:
         save_file(state_dict, str(tmp), metadata=meta)
     return path
+
+
+def export_onnx(model: nn.Module, path: PathLike) -> Path:
+    """Write the eval model as ONNX (torch's dynamo exporter) with a dynamic batch dimension, atomically.
+
+    MoE layers export dropless: every expert runs on every token and each token takes its experts' rows
+    (``num_experts`` times the expert FLOPs, see :meth:`gcvimoe.moe.MoE._exported_forward`), so the graph has no
+    shape that depends on the routing.
+    """
+    try:
+        import onnx  # noqa: F401  (torch's exporter needs both)
+        import onnxscript  # noqa: F401
+    except ImportError:
+        raise GcvimoeError("ONNX export needs onnx and onnxscript: pip install 'gcvimoe[export]'") from None
+    model = model.eval()
+    in_chans, height, width = model.pretrained_cfg['input_size'][0], *model.img_size
+    example = torch.randn(2, in_chans, height, width)
+    batch = torch.export.Dim('batch', min=1, max=4096)
+    path = Path(path)
+    with atomic_path(path) as tmp, torch.no_grad():
+        torch.onnx.export(model, (example,), str(tmp), input_names=['images'], output_names=['logits'],
+                          dynamic_shapes={'x': {0: batch}}, dynamo=True, external_data=False, verbose=False)
+    return path
+
+
+def onnx_max_difference(model: nn.Module, path: PathLike, batch_size: int = 2) -> float:
+    """Largest absolute difference between onnxruntime's and PyTorch's logits on a random batch."""
+    try:
+        import onnxruntime
+    except ImportError:
+        raise GcvimoeError("checking the ONNX file needs onnxruntime: pip install 'gcvimoe[export]'") from None
+    in_chans, height, width = model.pretrained_cfg['input_size'][0], *model.img_size
+    images = torch.randn(batch_size, in_chans, height, width)
+    with torch.no_grad():
+        expected = model.eval()(images).numpy()
+    session = onnxruntime.InferenceSession(str(path), providers=['CPUExecutionProvider'])
+    (logits,) = session.run(None, {session.get_inputs()[0].name: images.numpy()})
+    return float(abs(logits - expected).max())
 
 
 def upcycle(

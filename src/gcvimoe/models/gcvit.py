@@ -139,28 +139,24 @@ class RelativePositionBias(nn.Module):
         num_offsets = (2 * self.window_size[0] - 1) * (2 * self.window_size[1] - 1)
         self.relative_position_bias_table = nn.Parameter(
             torch.empty(num_offsets, num_heads, device=device, dtype=dtype))
-        self._index_cache: Dict[tuple, torch.Tensor] = {}
+        # the configured window's index as a buffer: it moves with the module and is no side effect under export
+        self.register_buffer('relative_position_index', self._index(self.window_size, device), persistent=False)
         trunc_normal_(self.relative_position_bias_table, std=.02)
 
-    def _index(self, window: Tuple[int, int], device: torch.device) -> torch.Tensor:
+    def _index(self, window: Tuple[int, int], device) -> torch.Tensor:
         """The table row of every token pair of a ``window`` ``[n * n]``."""
-        key = (window, device)
-        index = self._index_cache.get(key)
-        if index is None:
-            coords = torch.stack(torch.meshgrid(
-                torch.arange(window[0], device=device), torch.arange(window[1], device=device), indexing='ij',
-            )).flatten(1)
-            rel = coords[:, :, None] - coords[:, None, :]
-            index = ((rel[0] + self.window_size[0] - 1) * (2 * self.window_size[1] - 1)
-                     + rel[1] + self.window_size[1] - 1).view(-1)
-            self._index_cache[key] = index
-        return index
+        coords = torch.stack(torch.meshgrid(
+            torch.arange(window[0], device=device), torch.arange(window[1], device=device), indexing='ij',
+        )).flatten(1)
+        rel = coords[:, :, None] - coords[:, None, :]
+        return ((rel[0] + self.window_size[0] - 1) * (2 * self.window_size[1] - 1)
+                + rel[1] + self.window_size[1] - 1).view(-1)
 
     def forward(self, window: Tuple[int, int], dtype: torch.dtype) -> torch.Tensor:
         """Returns the bias ``[1, heads, n, n]`` for a ``window`` (n = wh * ww tokens) in ``dtype``."""
         table = self.relative_position_bias_table
         n = window[0] * window[1]
-        rows = self._index(window, table.device)
+        rows = self.relative_position_index if window == self.window_size else self._index(window, table.device)
         return table[rows].t().reshape(1, self.num_heads, n, n).to(dtype)
 
 
@@ -238,6 +234,9 @@ class WindowAttentionGlobal(nn.Module):
             bias = bias + key_mask.to(q.dtype)
         if self._use_attention_kernel(x):
             x = biased_attention(q, k, v, bias, self.head_dim ** -0.5)
+        elif torch.compiler.is_exporting():
+            # the plain ops: ONNX decomposes SDPA into an output of other strides than the traced one
+            x = ((q * self.head_dim ** -0.5) @ k.transpose(-2, -1) + bias).softmax(-1) @ v
         else:
             x = F.scaled_dot_product_attention(
                 q, k, v, attn_mask=bias, dropout_p=self.attn_drop if self.training else 0.,
@@ -475,7 +474,8 @@ class GlobalContextVitStage(nn.Module):
         x = self.downsample(x)
         b = x.shape[0]
         layout = WindowLayout(tuple(x.shape[-2:]), self.window_size, x.device)
-        self.last_layout = layout
+        if not torch.compiler.is_exporting():
+            self.last_layout = layout  # for routing_maps(): where each token of the last input sat
         q_global = self._global_queries(x, layout)
         key_mask = layout.window_batch_mask(b)
         x = layout.partition(x)

@@ -130,6 +130,16 @@ class Experts(nn.Module):
                 out = self._static_forward(x, params, tokens_per_expert, token_index, gates)
         return self.drop2(out)
 
+    def forward_all(self, x: Tensor) -> Tensor:
+        """Every expert on every token ``[t, d]`` -> ``[e, t, d_out]``, ungated (the exported, dropless layer)."""
+        fc1_bias = None if self.fc1_bias is None else self.fc1_bias[:, None]
+        fc2_bias = None if self.fc2_bias is None else self.fc2_bias[:, None]
+        hidden = torch.einsum('td,edh->eth', x, self.fc1_weight.to(x.dtype))
+        if fc1_bias is not None:
+            hidden = hidden + fc1_bias.to(x.dtype)
+        out = torch.einsum('eth,eho->eto', self.drop1(self.act(hidden)), self.fc2_weight.to(x.dtype))
+        return self.drop2(out if fc2_bias is None else out + fc2_bias.to(x.dtype))
+
     def _static_forward(self, x, params, tokens_per_expert, token_index, gates):
         """The plain path: gather, grouped GEMMs (:mod:`gcvimoe.moe.grouped`), activation, dropout, gate, combine.
         Every shape depends on ``x`` and ``token_index`` alone, so it compiles into one graph."""

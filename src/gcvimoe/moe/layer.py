@@ -17,7 +17,7 @@ from torch import Tensor, nn
 
 from gcvimoe.errors import GcvimoeError
 from gcvimoe.moe.config import MoEConfig
-from gcvimoe.moe.dispatch import DispatchPlan, expert_capacity, plan_dispatch
+from gcvimoe.moe.dispatch import DispatchPlan, combine, expert_capacity, plan_dispatch
 from gcvimoe.moe.experts import Experts
 from gcvimoe.moe.losses import gshard_balance_loss, importance_loss, load_loss, z_loss
 from gcvimoe.moe.router import (
@@ -158,18 +158,30 @@ class MoE(nn.Module):
         else:
             noise_std = self.gate_noise / self.num_experts if self.training else 0.
             routing = top_k_routing(logits, self.top_k, normalize_gates=self.normalize_gates, noise_std=noise_std)
+        if torch.compiler.is_exporting():
+            return self._exported_forward(tokens, routing).reshape(*input_shape, self.out_features)
         plan = plan_dispatch(routing, self.num_experts, capacity, batch_priority=self.batch_priority)
-        out = self.experts(tokens, plan.tokens_per_expert, plan.token_index, gates=plan.gates)
-        if self.shared_expert is not None:
-            mix = expert_probs(self.shared_expert_gate(tokens))  # [t, 2]: the routed experts' share, the shared one's
-            out = out * mix[:, :1] + self.shared_expert(tokens) * mix[:, 1:]
-
+        out = self._add_shared_expert(tokens, self.experts(tokens, plan.tokens_per_expert, plan.token_index,
+                                                           gates=plan.gates))
         if torch.is_grad_enabled():
             self._pending = None
             self._record_outcome(routing, plan, input_shape)
         else:  # nothing needs the losses for a backward: inference pays for them only when someone reads them
             self._pending = (routing, plan, input_shape)
         return out.reshape(*input_shape, self.out_features)
+
+    def _add_shared_expert(self, tokens: Tensor, out: Tensor) -> Tensor:
+        if self.shared_expert is None:
+            return out
+        mix = expert_probs(self.shared_expert_gate(tokens))  # [t, 2]: the routed experts' share, the shared one's
+        return out * mix[:, :1] + self.shared_expert(tokens) * mix[:, 1:]
+
+    def _exported_forward(self, tokens: Tensor, routing: Routing) -> Tensor:
+        """The dropless layer for ``torch.export`` and ONNX: every expert runs on every token (``e`` times the expert
+        FLOPs) and each assignment picks its expert's row, so no shape depends on the routing. No statistics."""
+        every_expert = self.experts.forward_all(tokens)  # [e, t, d_out]
+        rows = every_expert[routing.expert_index, routing.token_index] * routing.gates.to(every_expert.dtype)[:, None]
+        return self._add_shared_expert(tokens, combine(rows, routing.token_index, tokens.shape[0]))
 
     def _record_outcome(self, routing: Routing, plan: DispatchPlan, input_shape: torch.Size) -> None:
         losses = self._router_losses(routing) if input_shape.numel() else {}  # means over no tokens would be NaN

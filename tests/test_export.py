@@ -1,0 +1,80 @@
+"""torch.export and ONNX: one graph each, equal to the PyTorch model; MoE layers export dropless."""
+import builtins
+
+import pytest
+import torch
+
+import gcvimoe
+from gcvimoe.cli import main
+from gcvimoe.models import save_model
+from gcvimoe.moe import MoE
+
+
+@pytest.mark.parametrize("router", ["linear", "cosine", "expert_choice"])
+def test_moe_layer_exports_dropless_and_equals_eager(router):
+    torch.manual_seed(0)
+    top_k = 1 if router == "expert_choice" else 2
+    layer = MoE(8, 16, num_experts=4, top_k=top_k, router=router, shared_expert=True).eval()
+    x = torch.randn(3, 10, 8)
+    program = torch.export.export(layer, (x,))
+    with torch.no_grad():
+        torch.testing.assert_close(program.module()(x), layer(x), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("num_experts", [8, 0], ids=["moe", "dense"])
+def test_model_exports_with_a_dynamic_batch(num_experts):
+    torch.manual_seed(0)
+    model = gcvimoe.create_model("gcvimoe_nano", num_classes=10, num_experts=num_experts).eval()
+    batch = torch.export.Dim("batch", min=1, max=64)
+    program = torch.export.export(model, (torch.randn(2, 1, 32, 32),), dynamic_shapes={"x": {0: batch}})
+    for size in (1, 5):
+        x = torch.randn(size, 1, 32, 32)
+        with torch.no_grad():
+            torch.testing.assert_close(program.module()(x), model(x), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("name, kwargs", [
+    ("gcvimoe_nano", dict(num_classes=10)),
+    ("gcvimoe_xxtiny", dict(num_classes=10, num_experts=0, img_size=64)),
+], ids=["nano-moe", "xxtiny-dense"])
+def test_convert_onnx_reproduces_the_logits_in_onnxruntime(tmp_path, capsys, name, kwargs):
+    onnxruntime = pytest.importorskip("onnxruntime")
+    torch.manual_seed(0)
+    model = gcvimoe.create_model(name, **kwargs).eval()
+    save_model(model, tmp_path / "model.safetensors")
+    assert main(["convert", "onnx", "--checkpoint", str(tmp_path / "model.safetensors"),
+                 "--output", str(tmp_path / "model.onnx"), "--no-check"]) == 0
+    assert "dropless" in capsys.readouterr().out or name.endswith("xxtiny")
+    session = onnxruntime.InferenceSession(str(tmp_path / "model.onnx"), providers=["CPUExecutionProvider"])
+    for size in (1, 4):
+        x = torch.randn(size, model.in_chans, *model.img_size)
+        with torch.no_grad():
+            expected = model(x).numpy()
+        (logits,) = session.run(None, {session.get_inputs()[0].name: x.numpy()})
+        assert abs(logits - expected).max() < 1e-4
+    assert not any(p.name.endswith(".tmp") for p in tmp_path.iterdir())
+
+
+def test_convert_onnx_of_a_capacity_model_says_the_export_is_dropless(tmp_path, capsys, monkeypatch):
+    model = gcvimoe.create_model("gcvimoe_nano", num_classes=10, eval_capacity_factor=1.25)
+    save_model(model, tmp_path / "m.safetensors")
+    monkeypatch.setattr("gcvimoe.cli.convert.export_onnx", lambda model, path: path)
+    assert main(["convert", "onnx", "--checkpoint", str(tmp_path / "m.safetensors"), "--output",
+                 str(tmp_path / "m.onnx"), "--no-check"]) == 0
+    assert "the ONNX export is dropless" in capsys.readouterr().out
+
+
+def test_missing_onnx_packages_are_one_line_naming_the_extra(tmp_path, capsys, monkeypatch):
+    save_model(gcvimoe.create_model("gcvimoe_nano", num_classes=10), tmp_path / "m.safetensors")
+    real_import = builtins.__import__
+
+    def no_onnx(name, *args, **kwargs):
+        if name.split(".")[0] in ("onnx", "onnxscript", "onnxruntime"):
+            raise ImportError(name)
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", no_onnx)
+    assert main(["convert", "onnx", "--checkpoint", str(tmp_path / "m.safetensors"), "--output",
+                 str(tmp_path / "m.onnx")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "pip install 'gcvimoe[export]'" in err
