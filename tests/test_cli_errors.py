@@ -141,3 +141,14 @@ def test_deprecated_spellings_still_work_with_one_warning_line(capsys):
         assert _amp_dtype(argparse.Namespace(amp="bf16", amp_dtype="float16")) is torch.bfloat16
     assert _amp_dtype(argparse.Namespace(amp="true", amp_dtype="float16")) is torch.float16
     assert _amp_dtype(argparse.Namespace(amp="false", amp_dtype="bfloat16")) is None
+
+
+def test_compile_that_cannot_work_is_one_line(capsys, monkeypatch):
+    import torch
+    monkeypatch.setattr(torch._dynamo, "is_dynamo_supported", lambda: False)
+    code, err = run_cli(capsys, "train", "--compile", "--epochs", "1", "--output", "run")
+    assert_one_error_line(code, err, "--compile", "torch.compile is not supported", "train without --compile")
+    monkeypatch.setattr(torch._dynamo, "is_dynamo_supported", lambda: True)
+    monkeypatch.setattr("gcvimoe.train.trainer.shutil.which", lambda name: None)
+    code, err = run_cli(capsys, "train", "--compile", "--epochs", "1", "--output", "run2")
+    assert_one_error_line(code, err, "needs a C++ compiler")

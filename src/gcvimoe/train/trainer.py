@@ -116,6 +116,7 @@ class Run:
     ema: Optional[ModelEmaV3] = None
     mixup_fn: Optional[Mixup] = None
     ddp: Optional[DistributedDataParallel] = None
+    callbacks: Sequence['Callback'] = ()
 
     @property
     def expert_parallel(self) -> bool:
@@ -124,6 +125,9 @@ class Run:
 
 class Callback:
     """Hooks the loop calls on the primary process; the command line's plotting callback is one."""
+
+    def on_step_end(self, run: Run, epoch: int, batch_idx: int, record: Dict[str, float]) -> None:
+        """After every training micro-batch: ``record`` holds its ``loss`` (cross-entropy), ``aux_loss`` and ``lr``."""
 
     def on_epoch_end(self, run: Run, state: TrainState, eval_result: Dict[str, Any]) -> None:
         """After an epoch's evaluation and checkpoint; ``state.history[-1]`` is the epoch's row."""
@@ -240,6 +244,16 @@ def _optimizer_step(run: Run, num_updates: int) -> int:
     return num_updates
 
 
+def check_compile_supported(device: torch.device) -> None:
+    """One line instead of a compiler traceback when this torch, Python or machine cannot compile."""
+    if not torch._dynamo.is_dynamo_supported():
+        raise GcvimoeError(f"--compile: torch.compile is not supported with this Python or torch "
+                           f"({sys.version.split()[0]}, torch {torch.__version__}); train without --compile")
+    if device.type == "cpu" and not any(shutil.which(name) for name in ("c++", "g++", "clang++")):
+        raise GcvimoeError("--compile on the CPU needs a C++ compiler (inductor builds C++ kernels); install g++ or "
+                           "train without --compile")
+
+
 def _forward_backward(run: Run, images: torch.Tensor, targets: torch.Tensor, window: int, sync: bool, where: str):
     """One micro-batch: forward, loss, backward (DDP all-reduces on the window's last one). Returns the two losses."""
     if run.mixup_fn is not None:
@@ -291,8 +305,12 @@ def train_one_epoch(run: Run, epoch: int, num_updates: int) -> Dict[str, float]:
         sums += torch.tensor([ce_value * batch_size, aux_value * batch_size, batch_size], dtype=torch.float64)
         usage.update(collect_moe_report(run.model))
         images_per_s = float(sums[2]) * info.world_size / (time.perf_counter() - start)
+        lr = run.optimizer.param_groups[0]['lr']
         bar.set_postfix(loss=f"{ce_value:.3f}", aux=f"{aux_value:.4f}", img_s=f"{images_per_s:.0f}",
-                        lr=f"{run.optimizer.param_groups[0]['lr']:.2e}", refresh=False)
+                        lr=f"{lr:.2e}", refresh=False)
+        if info.is_primary:
+            for callback in run.callbacks:
+                callback.on_step_end(run, epoch, batch_idx, {"loss": ce_value, "aux_loss": aux_value, "lr": lr})
     bar.close()
     elapsed = time.perf_counter() - start
     sums = all_reduce_sum(sums.to(info.device), info).cpu()  # losses and throughput of all processes
@@ -324,6 +342,7 @@ def train(cfg: TrainConfig, resume: Optional[Dict[str, Any]] = None, callbacks: 
     info = init_distributed(cfg.device)
     try:
         run = _build_run(cfg, info)
+        run.callbacks = tuple(callbacks)
         state = _restore(resume, run) if resume is not None else TrainState()
         return _train(run, state, resume is not None, callbacks)
     finally:
@@ -407,6 +426,7 @@ def _wrap(run: Run) -> None:
     run.train_model = wrap_model(run.model, run.info)
     run.ddp = run.train_model if isinstance(run.train_model, DistributedDataParallel) else None
     if run.cfg.compile:
+        check_compile_supported(run.info.device)
         run.train_model = torch.compile(run.train_model)
 
 
