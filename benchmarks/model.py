@@ -50,6 +50,8 @@ def main() -> None:
                         help="batch sizes, one table each (the MoE overhead shrinks as tokens per expert grow)")
     parser.add_argument('--rounds', type=int, default=7)
     parser.add_argument('--repeats', type=int, default=1, help="repeat every measurement; tables give ranges")
+    parser.add_argument('--compiled', action='store_true',
+                        help="also compare torch.compile'd MoE with the compiled dense twin and with eager MoE")
     args = parser.parse_args()
     lines = [
         '## GCViMoE-tiny vs our dense tiny vs timm gcvit_tiny (`benchmarks/model.py`)',
@@ -63,6 +65,13 @@ def main() -> None:
     ]
     for batch in args.batch:
         lines += run(batch, args.rounds, args.repeats)
+    if args.compiled:
+        lines += ['', 'Compiled (`torch.compile`, inductor, fullgraph): time ratios as above. Targets: compiled MoE at '
+                  'most 1.10x the compiled dense twin (train step), and no slower than eager MoE.', '',
+                  '| batch | mode | compiled MoE img/s | compiled MoE / compiled dense | range | compiled MoE / eager MoE '
+                  '| range |', '|---|---|---|---|---|---|---|']
+        for batch in args.batch:
+            lines += run_compiled(batch, args.rounds, args.repeats)
     write_section('model', '\n'.join(lines))
 
 
@@ -97,6 +106,34 @@ def run(batch: int, rounds: int, repeats: int = 1) -> list:
         row = (f"| {batch} | {'train step' if train else 'inference'} | {batch / moe_seconds:.2f} "
                f"| **{vs_dense:.3f}** ({vs_dense_paired:.3f}) | {_range([r[1] for r in results])} "
                f"| **{vs_timm:.3f}** ({vs_timm_paired:.3f}) | {_range([r[3] for r in results])} | {dropped:.3f} |")
+        print(row, flush=True)
+        rows.append(row)
+    return rows
+
+
+def run_compiled(batch: int, rounds: int, repeats: int = 1) -> list:
+    torch.manual_seed(0)
+    x = torch.randn(batch, 3, 224, 224)
+    y = torch.randint(0, 1000, (batch,))
+    rows = []
+    for train in (False, True):
+        torch._dynamo.reset()
+        models = {}
+        for label, kwargs in (('compiled MoE', dict(num_experts=8, top_k=1)), ('compiled dense', dict(num_experts=0)),
+                              ('eager MoE', dict(num_experts=8, top_k=1))):
+            torch.manual_seed(0)
+            model = timm.create_model('gcvimoe_tiny', **kwargs).train(train)
+            models[label] = torch.compile(model, fullgraph=True) if label.startswith('compiled') else model
+        step = train_step if train else infer_step
+        results = []
+        for _ in range(repeats):
+            times = interleaved_times({label: functools.partial(step, m, x, y) for label, m in models.items()},
+                                      rounds=rounds if train else 2 * rounds, warmup=2)
+            moe, dense, eager = (median(times[label]) for label in models)
+            results.append((moe, moe / dense, moe / eager))
+        moe_seconds, vs_dense, vs_eager = results[-1]
+        row = (f"| {batch} | {'train step' if train else 'inference'} | {batch / moe_seconds:.2f} | **{vs_dense:.3f}** "
+               f"| {_range([r[1] for r in results])} | **{vs_eager:.3f}** | {_range([r[2] for r in results])} |")
         print(row, flush=True)
         rows.append(row)
     return rows

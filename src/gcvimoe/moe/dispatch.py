@@ -81,12 +81,16 @@ def plan_dispatch(routing: Routing, num_experts: int, capacity: Optional[int],
             token_order = torch.argsort(routing.top1_prob, descending=True, stable=True)
             claim_order = claim_order.view(-1, num_tokens)[:, token_order].reshape(-1)
         by_expert = claim_order[torch.argsort(expert_index[claim_order], stable=True)]  # claim order inside
-        segment_start = requested.cumsum(0) - requested
-        slot = rows - segment_start[expert_index[by_expert]]
-        # a stable sort on "dropped" moves the dropped assignments behind the kept ones, each group in its order
-        tail_order = torch.argsort((slot >= capacity).to(torch.uint8), stable=True)
-        order = by_expert[tail_order]
+        experts = expert_index[by_expert]
+        slot = rows - (requested.cumsum(0) - requested)[experts]
         kept = requested.clamp(max=capacity)
+        # where each assignment goes: a kept one to its slot in its expert's (shortened) segment, a dropped one to
+        # the tail in claiming order; a scatter of positions, so no second sort
+        dropped = slot >= capacity
+        kept_start = kept.cumsum(0) - kept
+        tail_position = kept.sum() + dropped.cumsum(0) - 1
+        destination = torch.where(dropped, tail_position, kept_start[experts] + slot)
+        order = torch.empty_like(by_expert).scatter_(0, destination, by_expert)
         keep = rows < kept.sum()
     gates = torch.where(keep, routing.gates[order], 0.)
     return DispatchPlan(token_index=routing.token_index[order], gates=gates, tokens_per_expert=kept,
