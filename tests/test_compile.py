@@ -10,6 +10,7 @@ import torch
 import gcvimoe
 from gcvimoe import kernels
 from gcvimoe.moe import MoE, collect_aux_loss
+from gcvimoe.train import Callback
 
 ROUTERS = ("linear", "cosine", "expert_choice")
 
@@ -95,18 +96,12 @@ def test_models_compile_fullgraph_and_equal_eager(name, train):
         torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-5)
 
 
-class _StepLosses:
+class _StepLosses(Callback):
     def __init__(self):
         self.losses = []
 
     def on_step_end(self, run, epoch, batch_idx, record):
         self.losses.append(record["loss"])
-
-    def on_epoch_end(self, run, state, eval_result):
-        pass
-
-    def on_train_end(self, run, state, eval_result):
-        pass
 
 
 def test_train_compile_matches_the_eager_run(tmp_path):

@@ -4,6 +4,7 @@ import typing
 from pathlib import Path
 
 from gcvimoe.moe import config as moe_config
+from gcvimoe.train import Callback
 
 DEVICE_HELP = "auto (the GPU when there is one), cpu, cuda or cuda:N"
 
@@ -51,14 +52,8 @@ def moe_options(args: argparse.Namespace) -> dict:
     return {name: parse_cli_value(name, getattr(args, name)) for name in moe_config.FIELDS if hasattr(args, name)}
 
 
-class PlotCallback:
-    """Draws the training curves and the expert usage into the run folder when training ends (the loop never draws).
-
-    A :class:`gcvimoe.train.Callback` by its methods.
-    """
-
-    def on_epoch_end(self, run, state, eval_result) -> None:
-        pass
+class PlotCallback(Callback):
+    """Draws the training curves and the expert usage into the run folder when training ends (the loop never draws)."""
 
     def on_train_end(self, run, state, eval_result) -> None:
         from gcvimoe.analysis import plot_expert_usage, plot_training_curves
