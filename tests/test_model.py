@@ -237,3 +237,14 @@ def test_grad_checkpointing_with_expert_dropout_gives_the_same_gradients():
     assert grads[0].keys() == grads[1].keys()
     for name in grads[0]:
         torch.testing.assert_close(grads[0][name], grads[1][name], msg=name)
+
+
+@pytest.mark.parametrize('name', ['gcvimoe_nano', 'gcvimoe_xxtiny'])
+def test_gradients_have_their_parameters_strides(name):
+    """DDP lays its gradient buckets out like the parameters; a gradient of other strides costs a copy per step and a
+    'grad strides do not match bucket view strides' warning."""
+    torch.manual_seed(0)
+    model = create_model(name, num_classes=10, **({'img_size': 64} if name == 'gcvimoe_xxtiny' else {}))
+    model(torch.randn(2, model.in_chans, *model.img_size)).sum().backward()
+    mismatched = [n for n, p in model.named_parameters() if p.grad is not None and p.grad.stride() != p.stride()]
+    assert mismatched == []

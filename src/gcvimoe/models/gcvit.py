@@ -488,6 +488,15 @@ class GlobalContextVitStage(nn.Module):
         return layout.reverse(x)
 
 
+def _channels_last_strides(weight: nn.Parameter) -> None:
+    """Give a conv weight the exact strides of a channels-last tensor, size-1 dimensions included (``.contiguous``
+    leaves those as they are). Every conv after the stem runs on channels-last maps, so its weight gradient comes out
+    with these strides, and DDP's gradient buckets, laid out like the parameters, take it without a copy."""
+    out_chs, in_chs, height, width = weight.shape
+    strides = (height * width * in_chs, 1, width * in_chs, in_chs)
+    weight.data = torch.empty_strided(weight.shape, strides, dtype=weight.dtype, device=weight.device).copy_(weight)
+
+
 class GlobalContextVit(nn.Module):
     """GC ViT, dense or with MoE MLPs (GCViMoE).
 
@@ -596,6 +605,9 @@ class GlobalContextVit(nn.Module):
         self.stages = nn.Sequential(*stages)
         self.head = ClassifierHead(self.num_features, num_classes, pool_type=global_pool, drop_rate=drop_rate, **dd)
         self.apply(self._init_weights)
+        for module in self.modules():
+            if isinstance(module, nn.Conv2d) and module is not self.stem.conv1:
+                _channels_last_strides(module.weight)
 
     @staticmethod
     def _init_weights(module: nn.Module) -> None:
