@@ -78,3 +78,14 @@ def test_missing_onnx_packages_are_one_line_naming_the_extra(tmp_path, capsys, m
                  str(tmp_path / "m.onnx")]) == 2
     err = capsys.readouterr().err.strip()
     assert err.count("\n") == 0 and "pip install 'gcvimoe[export]'" in err
+
+
+def test_jit_trace_follows_new_routing():
+    """A traced MoE model computes new inputs right: nothing routing-dependent is baked into the trace."""
+    torch.manual_seed(0)
+    model = gcvimoe.create_model("gcvimoe_nano", num_classes=10).eval()
+    with torch.no_grad():
+        traced = torch.jit.trace(model, (torch.randn(4, 1, 32, 32),), check_trace=False)
+        for scale in (1.0, 3.0, 0.3):
+            x = torch.randn(4, 1, 32, 32) * scale
+            torch.testing.assert_close(traced(x), model(x), rtol=1e-5, atol=1e-5)

@@ -248,3 +248,18 @@ def test_gradients_have_their_parameters_strides(name):
     model(torch.randn(2, model.in_chans, *model.img_size)).sum().backward()
     mismatched = [n for n, p in model.named_parameters() if p.grad is not None and p.grad.stride() != p.stride()]
     assert mismatched == []
+
+
+def test_dense_model_traces_with_torch_fx_as_timm_gcvit_does():
+    """timm's fx feature extraction (symbolic tracing) works on the dense model, as on timm's gcvit_xxtiny."""
+    from timm.models._features_fx import create_feature_extractor, get_graph_node_names
+
+    torch.manual_seed(0)
+    model = create_model('gcvimoe_xxtiny', num_experts=0).eval()
+    _, eval_nodes = get_graph_node_names(model)
+    extractor = create_feature_extractor(model, return_nodes={eval_nodes[-1]: 'logits', 'stages.2': 'stage3'})
+    x = torch.randn(2, 3, 224, 224)
+    with torch.no_grad():
+        features = extractor(x)
+        torch.testing.assert_close(features['logits'], model(x), rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(features['stage3'], model.stages[:3](model.stem(x)), rtol=1e-5, atol=1e-5)

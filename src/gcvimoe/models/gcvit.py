@@ -160,8 +160,12 @@ class RelativePositionBias(nn.Module):
         return table[rows].t().reshape(1, self.num_heads, n, n).to(dtype)
 
 
+def _fx_tracing() -> bool:
+    return torch.fx._symbolic_trace.is_fx_symbolic_tracing()
+
+
 def _autocast_enabled(device: torch.device) -> bool:
-    if device.type == 'meta':  # shape-only runs (MAC counting): autocast has no meta backend to ask
+    if _fx_tracing() or device.type == 'meta':  # shape-only runs (MAC counting): autocast has no meta backend to ask
         return False
     return torch.is_autocast_enabled(device.type)
 
@@ -204,7 +208,7 @@ class WindowAttentionGlobal(nn.Module):
 
     def _use_attention_kernel(self, x: torch.Tensor) -> bool:
         """CPU training without attention dropout, autocast or compilation (see :mod:`gcvimoe.kernels.attention`)."""
-        return (kernels.enabled('attention') and torch.is_grad_enabled() and x.device.type == 'cpu'
+        return (kernels.enabled('attention') and not _fx_tracing() and torch.is_grad_enabled() and x.device.type == 'cpu'
                 and (self.attn_drop == 0 or not self.training) and not _autocast_enabled(x.device)
                 and not torch.compiler.is_compiling())
 
@@ -223,7 +227,7 @@ class WindowAttentionGlobal(nn.Module):
             window: The runtime window (wh, ww), wh * ww = n.
             key_mask: Additive mask ``[b*w, 1, 1, n]`` (-inf on padded keys) or None.
         """
-        bw, n, c = x.shape
+        bw, n, c = x.shape[0], x.shape[1], x.shape[2]
         if self.use_global:
             k, v = self.qkv(x).view(bw, n, 2, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
             q = q_global
@@ -276,7 +280,7 @@ class WindowLayout:
 
     def _to_windows(self, x: torch.Tensor) -> torch.Tensor:
         """``[b, c, Hp, Wp]`` -> ``[b, w * n, c]`` (one copy)."""
-        b, c = x.shape[:2]
+        b, c = x.shape[0], x.shape[1]
         (gh, gw), (wh, ww) = self.grid, self.window
         x = x.view(b, c, gh, wh, gw, ww).permute(0, 2, 4, 3, 5, 1)
         return x.reshape(b, self.num_windows * self.tokens_per_window, c)
@@ -289,7 +293,7 @@ class WindowLayout:
 
     def reverse(self, x: torch.Tensor) -> torch.Tensor:
         """``[b, w * n, c]`` -> ``[b, c, H, W]`` (one copy), dropping padding."""
-        b, _, c = x.shape
+        b, c = x.shape[0], x.shape[2]
         (gh, gw), (wh, ww) = self.grid, self.window
         x = x.view(b, gh, gw, wh, ww, c).permute(0, 5, 1, 3, 2, 4).reshape(b, c, *self.padded_size)
         if self.is_padded:
@@ -380,7 +384,7 @@ class GlobalContextVitBlock(nn.Module):
         if (not self.training and not torch.is_grad_enabled() and not _autocast_enabled(x.device)
                 and kernels.enabled('inplace_residual')):
             return block_inference(self, x, q_global, layout, key_mask, owns_input)
-        b, length, c = x.shape
+        b, length, c = x.shape[0], x.shape[1], x.shape[2]
         windows = self.norm1(x).view(b * layout.num_windows, layout.tokens_per_window, c)
         attn = self.attn(windows, q_global, layout.window, key_mask).view(b, length, c)
         x = x + self.drop_path1(self.ls1(attn))
@@ -458,13 +462,13 @@ class GlobalContextVitStage(nn.Module):
     def _global_queries(self, x: torch.Tensor, layout: WindowLayout) -> torch.Tensor:
         """The global tokens as queries ``[b*w, h, n, c/h]``: one per window position, shared by all windows."""
         g = self.global_block(x)
-        if tuple(g.shape[-2:]) != layout.window:
+        if not _fx_tracing() and tuple(g.shape[-2:]) != layout.window:
             # off the configured resolution the tower's output need not match the window: resample it
             if g.shape[-2] >= layout.window[0] and g.shape[-1] >= layout.window[1]:
                 g = F.adaptive_avg_pool2d(g, layout.window)
             else:
                 g = F.interpolate(g, size=layout.window, mode='bilinear', align_corners=False)
-        b, c = g.shape[:2]
+        b, c = g.shape[0], g.shape[1]
         g = self.global_norm(g.permute(0, 2, 3, 1))  # [b, wh, ww, c]
         q = g.reshape(b, 1, layout.tokens_per_window, self.num_heads, c // self.num_heads).permute(0, 1, 3, 2, 4)
         q = q.expand(b, layout.num_windows, -1, -1, -1)
@@ -473,7 +477,9 @@ class GlobalContextVitStage(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.downsample(x)
         b = x.shape[0]
-        layout = WindowLayout(tuple(x.shape[-2:]), self.window_size, x.device)
+        # symbolic tracing (timm's fx feature extraction) lays windows out for the configured size
+        feat_size = self.feat_size if _fx_tracing() else tuple(x.shape[-2:])
+        layout = WindowLayout(feat_size, self.window_size, None if _fx_tracing() else x.device)
         if not torch.compiler.is_exporting():
             self.last_layout = layout  # for routing_maps(): where each token of the last input sat
         q_global = self._global_queries(x, layout)
@@ -678,6 +684,8 @@ class GlobalContextVit(nn.Module):
         return maps
 
     def _check_input(self, x: torch.Tensor) -> None:
+        if _fx_tracing():
+            return
         if x.ndim != 4 or x.shape[1] != self.in_chans:
             raise GcvimoeError(
                 f"input of shape {tuple(x.shape)} does not fit a model built with in_chans={self.in_chans}: "

@@ -123,7 +123,7 @@ class Experts(nn.Module):
         with torch.autocast(device_type, enabled=False):
             if _grouped_mm_supported(x, params[0]):
                 out = self._grouped_mm_forward(x, params, tokens_per_expert, token_index, gates)
-            elif kernels.enabled('expert_mlp') and x.device.type == 'cpu' and not torch.compiler.is_compiling():
+            elif self._use_kernel(x):
                 out = expert_mlp(x, tuple(params), gates, token_index, tokens_per_expert, self.act,
                                  self.drop1.p if self.training else 0.)
             else:
@@ -139,6 +139,12 @@ class Experts(nn.Module):
             hidden = hidden + fc1_bias.to(x.dtype)
         out = torch.einsum('eth,eho->eto', self.drop1(self.act(hidden)), self.fc2_weight.to(x.dtype))
         return self.drop2(out if fc2_bias is None else out + fc2_bias.to(x.dtype))
+
+    @staticmethod
+    def _use_kernel(x: Tensor) -> bool:
+        """The CPU kernel chunks by routing-dependent sizes read on the host: eager runs only, no graph capture."""
+        return (kernels.enabled('expert_mlp') and x.device.type == 'cpu' and not torch.compiler.is_compiling()
+                and not torch.jit.is_tracing())
 
     def _static_forward(self, x, params, tokens_per_expert, token_index, gates):
         """The plain path: gather, grouped GEMMs (:mod:`gcvimoe.moe.grouped`), activation, dropout, gate, combine.
