@@ -10,7 +10,7 @@ The :class:`~gcvimoe.moe.MoE` layer, the GCViMoE models, YAML files (an ``moe:``
 import dataclasses
 import typing
 from dataclasses import dataclass, field
-from typing import Any, Dict, List, Mapping, Optional, Sequence, Union
+from typing import Any, Dict, Mapping, Optional, Sequence, Union
 
 from gcvimoe.errors import GcvimoeError, did_you_mean
 
@@ -79,12 +79,6 @@ class MoEConfig:
     def to_dict(self) -> Dict[str, Any]:
         return dataclasses.asdict(self)
 
-    def layer_kwargs(self) -> Dict[str, Any]:
-        """The keyword arguments of :class:`gcvimoe.moe.MoE` (every option but the model-level placement)."""
-        options = self.to_dict()
-        options.pop('moe_blocks')
-        return options
-
     def replace(self, **changes) -> 'MoEConfig':
         """A copy with ``changes`` (MoE option names), checked like the constructor's."""
         check_keys(changes)
@@ -114,10 +108,6 @@ def check_keys(options: Mapping[str, Any]) -> None:
         if key not in FIELDS:
             hint = did_you_mean(key, FIELDS, fallback=f"the MoE options are {', '.join(FIELDS)}")
             raise GcvimoeError(f"unknown MoE option {key!r}; {hint}")
-
-
-def option_names() -> List[str]:
-    return list(FIELDS)
 
 
 def _is_number(value) -> bool:
