@@ -6,6 +6,8 @@ Workloads (the redesign's rule: a kernel stays on by default only if it buys at 
 - ``tiny_train``: ``gcvimoe_tiny`` (8 experts, top-1), batch 32, 224 px: forward, cross-entropy + aux loss, backward.
 - ``tiny_infer``: the same model, batch 32, inference.
 - ``demo_train``: the ``make demo`` training step: ``gcvimoe_nano`` on 32 px, batch 128, one thread, AdamW.
+- ``tiny_train_compiled``: the ``tiny_train`` step under ``torch.compile`` (inductor, fullgraph), batch 8; only the
+  kernels a compiled graph can use (``dropout_bits``) are switched, one compiled model per arm.
 
 Arms: every kernel on, none (plain PyTorch), and every kernel but one. A kernel's gain is the time without it over the
 time with all on, minus one, as the median of per-round ratios (each round runs every arm back to back).
@@ -26,8 +28,9 @@ import gcvimoe  # noqa: E402
 from gcvimoe import kernels  # noqa: E402
 from gcvimoe.moe import collect_aux_loss  # noqa: E402
 
-TRAIN_KERNELS = ('attention', 'relative_bias', 'conv_weight_grad', 'expert_mlp')
-INFER_KERNELS = ('relative_bias', 'inplace_residual', 'expert_mlp')
+TRAIN_KERNELS = ('attention', 'expert_mlp', 'dropout_bits')
+INFER_KERNELS = ('inplace_residual', 'expert_mlp')
+COMPILED_KERNELS = ('dropout_bits',)
 
 
 def _train_step(model, x, y, optimizer=None) -> None:
@@ -57,12 +60,25 @@ def _workload(name: str):
     return partial(_infer_step, model.eval(), x, y), INFER_KERNELS, None
 
 
+def _compiled_arms(rounds: int) -> dict:
+    """One compiled tiny per arm (the switch is read while tracing), timed with its switch set."""
+    x, y = torch.randn(8, 3, 224, 224), torch.randint(0, 1000, (8,))
+    arms = {'all on': kernels.DEFAULT_ENABLED}
+    arms.update({f'without {k}': kernels.DEFAULT_ENABLED - {k} for k in COMPILED_KERNELS})
+    steps = {}
+    for arm, chosen in arms.items():
+        torch.manual_seed(0)
+        model = torch.compile(gcvimoe.create_model('gcvimoe_tiny', num_experts=8, top_k=1).train(), fullgraph=True)
+        steps[arm] = partial(_with_kernels, partial(_train_step, model, x, y), chosen)
+    return interleaved_times(steps, rounds=rounds, warmup=2), arms
+
+
 def _with_kernels(step, chosen) -> None:
     with kernels.enabled_only(chosen):
         step()
 
 
-def run(name: str, rounds: int) -> list:
+def _eager_arms(name: str, rounds: int):
     step, names, threads = _workload(name)
     saved_threads = torch.get_num_threads()
     if threads:
@@ -72,6 +88,11 @@ def run(name: str, rounds: int) -> list:
     times = interleaved_times({arm: partial(_with_kernels, step, chosen) for arm, chosen in arms.items()},
                               rounds=rounds)
     torch.set_num_threads(saved_threads)
+    return times, arms
+
+
+def run(name: str, rounds: int) -> list:
+    times, arms = _compiled_arms(rounds) if name == 'tiny_train_compiled' else _eager_arms(name, rounds)
     rows = []
     base = times['all on']
     for arm in arms:
@@ -90,7 +111,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument('--rounds', type=int, default=10)
     parser.add_argument('--workloads', nargs='+', default=['demo_train', 'tiny_infer', 'tiny_train'],
-                        choices=('demo_train', 'tiny_infer', 'tiny_train'))
+                        choices=('demo_train', 'tiny_infer', 'tiny_train', 'tiny_train_compiled'))
     args = parser.parse_args()
     rows = [row for name in args.workloads for row in run(name, args.rounds)]
     lines = [
@@ -105,7 +126,10 @@ def main() -> None:
     ]
     lines += [f"| {w} | {k} | {base:.3f} | {100 * g:+.1f} % | {100 * lo:+.1f} to {100 * hi:+.1f} % |"
               for w, k, base, g, lo, hi in rows]
-    write_section('kernels', '\n'.join(lines))
+    compiled_only = args.workloads == ['tiny_train_compiled']
+    if compiled_only:
+        lines[0] = '## Kernels under torch.compile (`benchmarks/kernels.py --workloads tiny_train_compiled`)'
+    write_section('kernels_compiled' if compiled_only else 'kernels', '\n'.join(lines))
 
 
 if __name__ == '__main__':

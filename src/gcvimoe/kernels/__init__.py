@@ -16,7 +16,7 @@ One switch::
 from contextlib import contextmanager
 from typing import FrozenSet, Iterable, Iterator, Union
 
-KERNELS = ('attention', 'inplace_residual', 'expert_mlp')
+KERNELS = ('attention', 'inplace_residual', 'expert_mlp', 'dropout_bits')
 DEFAULT_ENABLED = frozenset(KERNELS)
 
 _enabled: FrozenSet[str] = DEFAULT_ENABLED

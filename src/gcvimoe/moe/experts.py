@@ -18,6 +18,7 @@ from torch import Tensor, nn
 from timm.layers import to_2tuple
 
 from gcvimoe import kernels
+from gcvimoe.kernels.dropout import dropout_bits
 from gcvimoe.kernels.experts import expert_mlp
 from gcvimoe.moe.dispatch import combine
 from gcvimoe.moe.grouped import group_of_rows, grouped_mm, rows_in_groups
@@ -140,6 +141,11 @@ class Experts(nn.Module):
         out = torch.einsum('eth,eho->eto', self.drop1(self.act(hidden)), self.fc2_weight.to(x.dtype))
         return self.drop2(out if fc2_bias is None else out + fc2_bias.to(x.dtype))
 
+    def _hidden_dropout(self, hidden: Tensor) -> Tensor:
+        if self.training and self.drop1.p > 0 and hidden.device.type == 'cpu' and kernels.enabled('dropout_bits'):
+            return dropout_bits(hidden, self.drop1.p)
+        return self.drop1(hidden)
+
     @staticmethod
     def _use_kernel(x: Tensor) -> bool:
         """The CPU kernel chunks by routing-dependent sizes read on the host: eager runs only, no graph capture."""
@@ -154,7 +160,8 @@ class Experts(nn.Module):
         row_expert = group_of_rows(tokens_per_expert, num_rows)
         rows = x.index_select(0, token_index)
         hidden = _add_bias(grouped_mm(rows, fc1_weight, tokens_per_expert), fc1_bias, row_expert)
-        out = _add_bias(grouped_mm(self.drop1(self.act(hidden)), fc2_weight, tokens_per_expert), fc2_bias, row_expert)
+        out = _add_bias(grouped_mm(self._hidden_dropout(self.act(hidden)), fc2_weight, tokens_per_expert), fc2_bias,
+                        row_expert)
         out = torch.where(rows_in_groups(tokens_per_expert, num_rows)[:, None], out, 0)  # the tail: no expert
         if gates is not None:
             out = out * gates.unsqueeze(1)
