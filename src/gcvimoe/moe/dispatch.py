@@ -88,10 +88,11 @@ def plan_dispatch(routing: Routing, num_experts: int, capacity: Optional[int],
         # the tail in claiming order; a scatter of positions, so no second sort
         dropped = slot >= capacity
         kept_start = kept.cumsum(0) - kept
-        tail_position = kept.sum() + dropped.cumsum(0) - 1
+        num_kept = kept.sum()
+        tail_position = num_kept + dropped.cumsum(0) - 1
         destination = torch.where(dropped, tail_position, kept_start[experts] + slot)
         order = torch.empty_like(by_expert).scatter_(0, destination, by_expert)
-        keep = rows < kept.sum()
+        keep = rows < num_kept
     gates = torch.where(keep, routing.gates[order], 0.)
     return DispatchPlan(token_index=routing.token_index[order], gates=gates, tokens_per_expert=kept,
                         requested_per_expert=requested, kept=keep)

@@ -122,13 +122,11 @@ class Experts(nn.Module):
                   for p in (self.fc1_weight, self.fc1_bias, self.fc2_weight, self.fc2_bias)]
         gates = None if gates is None else gates.to(x.dtype)
         with torch.autocast(device_type, enabled=False):
-            if _grouped_mm_supported(x, params[0]):
-                out = self._grouped_mm_forward(x, params, tokens_per_expert, token_index, gates)
-            elif self._use_kernel(x):
+            if self._use_kernel(x):
                 out = expert_mlp(x, tuple(params), gates, token_index, tokens_per_expert, self.act,
                                  self.drop1.p if self.training else 0.)
             else:
-                out = self._static_forward(x, params, tokens_per_expert, token_index, gates)
+                out = self._rows_forward(x, params, tokens_per_expert, token_index, gates)
         return self.drop2(out)
 
     def forward_all(self, x: Tensor) -> Tensor:
@@ -152,32 +150,27 @@ class Experts(nn.Module):
         return (kernels.enabled('expert_mlp') and x.device.type == 'cpu' and not torch.compiler.is_compiling()
                 and not torch.jit.is_tracing())
 
-    def _static_forward(self, x, params, tokens_per_expert, token_index, gates):
-        """The plain path: gather, grouped GEMMs (:mod:`gcvimoe.moe.grouped`), activation, dropout, gate, combine.
-        Every shape depends on ``x`` and ``token_index`` alone, so it compiles into one graph."""
+    def _rows_forward(self, x, params, tokens_per_expert, token_index, gates, use_grouped_mm=None):
+        """Gather, grouped GEMMs, activation, dropout, gate, combine; every shape depends on ``x`` and
+        ``token_index`` alone, so it compiles into one graph. The GEMMs are two ``F.grouped_mm`` calls on CUDA in bf16
+        (with fp32 biases, see :func:`_add_bias`), else the custom operators of :mod:`gcvimoe.moe.grouped`;
+        ``use_grouped_mm`` overrides that choice (``F.grouped_mm`` also runs eagerly on the CPU in fp32)."""
         fc1_weight, fc1_bias, fc2_weight, fc2_bias = params
-        num_rows = token_index.shape[0]
-        row_expert = group_of_rows(tokens_per_expert, num_rows)
-        rows = x.index_select(0, token_index)
-        hidden = _add_bias(grouped_mm(rows, fc1_weight, tokens_per_expert), fc1_bias, row_expert)
-        out = _add_bias(grouped_mm(self._hidden_dropout(self.act(hidden)), fc2_weight, tokens_per_expert), fc2_bias,
-                        row_expert)
-        out = torch.where(rows_in_groups(tokens_per_expert, num_rows)[:, None], out, 0)  # the tail: no expert
-        if gates is not None:
-            out = out * gates.unsqueeze(1)
-        return combine(out, token_index, x.shape[0])
+        if _grouped_mm_supported(x, fc1_weight) if use_grouped_mm is None else use_grouped_mm:
+            offsets = tokens_per_expert.cumsum(0).to(torch.int32)
+            fc1_bias, fc2_bias = self.fc1_bias, self.fc2_bias  # kept in the parameters' dtype
 
-    def _grouped_mm_forward(self, x, params, tokens_per_expert, token_index, gates):
-        """The experts as two ``F.grouped_mm`` calls over all rows (CUDA, bf16), differentiated by autograd."""
-        fc1_weight, _, fc2_weight, _ = params
-        fc1_bias, fc2_bias = self.fc1_bias, self.fc2_bias  # kept in the parameters' dtype, see _add_bias
+            def matmul(rows: Tensor, weight: Tensor) -> Tensor:
+                return F.grouped_mm(rows, weight, offs=offsets)
+        else:
+            def matmul(rows: Tensor, weight: Tensor) -> Tensor:
+                return grouped_mm(rows, weight, tokens_per_expert)
         num_rows = token_index.shape[0]
-        offsets = tokens_per_expert.cumsum(0).to(torch.int32)
         row_expert = group_of_rows(tokens_per_expert, num_rows)
-        hidden = _add_bias(F.grouped_mm(x.index_select(0, token_index), fc1_weight, offs=offsets), fc1_bias,
-                           row_expert)
-        out = _add_bias(F.grouped_mm(self.drop1(self.act(hidden)), fc2_weight, offs=offsets), fc2_bias, row_expert)
-        out = torch.where(rows_in_groups(tokens_per_expert, num_rows)[:, None], out, 0)  # rows past the last offset
+        hidden = _add_bias(matmul(x.index_select(0, token_index), fc1_weight), fc1_bias, row_expert)
+        out = _add_bias(matmul(self._hidden_dropout(self.act(hidden)), fc2_weight), fc2_bias, row_expert)
+        # rows past the last expert's (the tail of dropped assignments) get nothing
+        out = torch.where(rows_in_groups(tokens_per_expert, num_rows)[:, None], out, 0)
         if gates is not None:
             out = out * gates.unsqueeze(1)
         return combine(out, token_index, x.shape[0])

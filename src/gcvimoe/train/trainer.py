@@ -350,6 +350,11 @@ def train(cfg: TrainConfig, resume: Optional[Dict[str, Any]] = None, callbacks: 
         torch.set_num_threads(threads)
 
 
+def _global_batch(cfg: TrainConfig, info: DistInfo) -> int:
+    """Images per optimiser step over all processes (the LR follows it, see :func:`scaled_lr`)."""
+    return cfg.batch_size * cfg.grad_accum_steps * info.world_size
+
+
 def _build_data(cfg: TrainConfig, info: DistInfo):
     data_cfg = resolve_data_config(
         cfg.resolved_dataset, cfg.data_dir, img_size=cfg.img_size, in_chans=cfg.in_chans,
@@ -401,7 +406,7 @@ def _build_run(cfg: TrainConfig, info: DistInfo) -> Run:
     folder is made."""
     data_cfg, train_loader, eval_loader = _build_data(cfg, info)
     model = _build_model(cfg, data_cfg, info)
-    optimizer = _create_optimizer(cfg, model, scaled_lr(cfg, cfg.batch_size * cfg.grad_accum_steps * info.world_size))
+    optimizer = _create_optimizer(cfg, model, scaled_lr(cfg, _global_batch(cfg, info)))
     if is_expert_parallel(model):
         check_expert_parallel_optimizer(optimizer, cfg.opt)
     autocast = _autocast(cfg, info.device)
@@ -435,13 +440,13 @@ def _log_header(run: Run, state: TrainState) -> None:
     if cfg.amp and info.device.type != "cuda":
         _logger.info("amp: mixed precision needs a GPU; training in float32 on %s", info.device)
     num_params = sum(p.numel() for p in run.model.parameters())
-    global_batch = cfg.batch_size * cfg.grad_accum_steps * info.world_size
     _logger.info(
         "model %s: %.2fM parameters | data %s: %d train / %d val images, %d classes, %dx%d px, %d channel(s) | "
         "%d process(es) on %s, global batch %d, lr %.3g | output %s",
         cfg.model, num_params / 1e6, cfg.resolved_dataset, len(run.train_loader.dataset),
         len(run.eval_loader.dataset), data_cfg.num_classes, cfg.img_size, cfg.img_size, data_cfg.in_chans,
-        info.world_size, info.device, global_batch, scaled_lr(cfg, global_batch), run.output_dir)
+        info.world_size, info.device, _global_batch(cfg, info), scaled_lr(cfg, _global_batch(cfg, info)),
+        run.output_dir)
     if cfg.expert_parallel:
         if is_expert_parallel(run.model):
             layout = f"every process holds 1/{info.world_size} of each MoE layer's experts"
