@@ -12,13 +12,13 @@ import torch
 from gcvimoe.analysis.experts import plot_expert_usage
 from gcvimoe.analysis.routing import plot_routing_maps
 from gcvimoe.cli._common import add_checkpoint, add_use_ema
-from gcvimoe.data import DataConfig, build_transform, create_dataset, create_loader
+from gcvimoe.data import build_transform, create_dataset, create_loader
 from gcvimoe.errors import GcvimoeError
 from gcvimoe.files import write_text
 from gcvimoe.models import model_from_checkpoint, read_checkpoint
 from gcvimoe.moe import moe_layers
 from gcvimoe.train.distributed import DistInfo
-from gcvimoe.train.evaluate import evaluate
+from gcvimoe.train.evaluate import evaluate, trained_data_config
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
@@ -34,10 +34,7 @@ def run(args: argparse.Namespace) -> int:
     if args.num_images < 1:
         raise GcvimoeError(f"--num-images must be at least 1, got {args.num_images}")
     checkpoint = read_checkpoint(args.checkpoint)
-    if checkpoint.data_config is None:
-        raise GcvimoeError(f"{args.checkpoint} records no data config (a plain state dict or an export); visualize a "
-                           f"training checkpoint (last.pth, best.pth)")
-    data_cfg = DataConfig.from_dict(checkpoint.data_config)
+    data_cfg = trained_data_config(checkpoint, "visualize")
     model = model_from_checkpoint(checkpoint, use_ema=args.use_ema)
     layers = dict(moe_layers(model))
     if not layers:

@@ -9,7 +9,7 @@ from torch import nn
 
 from gcvimoe.data import DataConfig, build_transform, create_dataset, create_loader, resolve_data_config
 from gcvimoe.errors import GcvimoeError
-from gcvimoe.models import model_from_checkpoint, read_checkpoint
+from gcvimoe.models import Checkpoint, model_from_checkpoint, read_checkpoint
 from gcvimoe.train.distributed import DistInfo, all_reduce_sum, max_over_processes, resolve_device
 from gcvimoe.moe import MoEReport, collect_moe_report, moe_layers
 from gcvimoe.moe.parallel import is_expert_parallel
@@ -166,6 +166,14 @@ def _eval_data_config(trained: DataConfig, dataset: Optional[str], data_dir: Opt
     return dataclasses.replace(trained, dataset=dataset, data_dir=data_dir or "")
 
 
+def trained_data_config(checkpoint: Checkpoint, action: str) -> DataConfig:
+    """The preprocessing and class names a training checkpoint records; one line for a file that records none."""
+    if checkpoint.data_config is None:
+        raise GcvimoeError(f"{checkpoint.path} records no preprocessing or class names (a plain state dict or an "
+                           f"export); {action} a training checkpoint (last.pth, best.pth)")
+    return DataConfig.from_dict(checkpoint.data_config)
+
+
 def validate_checkpoint(
         checkpoint_path,
         dataset: Optional[str] = None,
@@ -178,10 +186,7 @@ def validate_checkpoint(
 ) -> Dict[str, Any]:
     """Evaluate a checkpoint; returns the metrics of :func:`evaluate` plus context."""
     checkpoint = read_checkpoint(checkpoint_path)
-    if checkpoint.data_config is None:
-        raise GcvimoeError(f"{checkpoint_path} records no data config (a plain state dict or an export); validate a "
-                           f"training checkpoint (last.pth, best.pth)")
-    trained = DataConfig.from_dict(checkpoint.data_config)
+    trained = trained_data_config(checkpoint, "validate")
     data_cfg = _eval_data_config(trained, dataset, data_dir)
     info = DistInfo(device=resolve_device(device))
     model = model_from_checkpoint(checkpoint, use_ema=use_ema).to(info.device)

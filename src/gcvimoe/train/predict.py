@@ -4,10 +4,11 @@ from typing import Any, Dict, List, Sequence
 
 import torch
 
-from gcvimoe.data import DataConfig, build_transform, load_image
+from gcvimoe.data import build_transform, load_image
 from gcvimoe.errors import GcvimoeError
 from gcvimoe.models import model_from_checkpoint, read_checkpoint
 from gcvimoe.train.distributed import resolve_device
+from gcvimoe.train.evaluate import trained_data_config
 
 
 @torch.no_grad()
@@ -24,10 +25,7 @@ def predict(
         raise GcvimoeError(f"image {missing[0]} not found" + (f" (and {len(missing) - 1} more)" if missing[1:] else "")
                            + "; pass paths of existing image files")
     checkpoint = read_checkpoint(checkpoint_path)
-    if checkpoint.data_config is None:
-        raise GcvimoeError(f"{checkpoint_path} records no preprocessing or class names (a plain state dict or an "
-                           f"export); predict with a training checkpoint (last.pth, best.pth)")
-    data_cfg = DataConfig.from_dict(checkpoint.data_config)
+    data_cfg = trained_data_config(checkpoint, "predict with")
     device = resolve_device(device)
     model = model_from_checkpoint(checkpoint, use_ema=use_ema).to(device)
     transform = build_transform(data_cfg, is_training=False)
