@@ -584,3 +584,22 @@ def test_outcome_without_autograd_is_computed_on_read(monkeypatch):
     for field in ('tokens_per_expert', 'kept_tokens_per_expert', 'router_entropy', 'top1_expert'):
         torch.testing.assert_close(getattr(layer.stats, field), getattr(eager_stats, field))
     assert calls == [1]
+
+
+def test_bf16_bias_add_sums_the_bias_gradient_in_fp32():
+    """The bias add runs in the rows' dtype, while the gradient of an fp32 bias sums per expert in fp32."""
+    from gcvimoe.moe.experts import _add_bias
+
+    torch.manual_seed(0)
+    rows, width = 4096, 8
+    row_expert = torch.arange(rows) % 2
+    bias = torch.randn(2, width, requires_grad=True)
+    out = torch.randn(rows, width, dtype=torch.bfloat16, requires_grad=True)
+    grad = torch.rand(rows, width).to(torch.bfloat16)  # positive: a bf16 running sum of 2048 of them stalls
+    result = _add_bias(out, bias, row_expert)
+    result.backward(grad)
+    assert result.dtype == torch.bfloat16 and bias.grad.dtype == torch.float32
+    torch.testing.assert_close(result, (out.float() + bias[row_expert]).bfloat16(), atol=0.07, rtol=0.02)
+    expected = torch.zeros(2, width, dtype=torch.float64).index_add_(0, row_expert, grad.double())
+    torch.testing.assert_close(bias.grad.double(), expected, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(out.grad, grad)

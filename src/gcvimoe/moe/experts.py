@@ -31,11 +31,14 @@ def _grouped_mm_supported(x: Tensor, weight: Tensor) -> bool:
 
 
 def _add_bias(out: Tensor, bias: Optional[Tensor], row_expert: Tensor) -> Tensor:
-    """``out + bias[expert of each row]``, in the bias's own (fp32) precision, so its gradient, a sum over every row
-    of an expert, accumulates in fp32 as a dense layer's does; summed in bf16 it drifts by several per cent."""
+    """``out + bias[expert of each row]`` in ``out``'s dtype: one pass over the rows, with no fp32 copy of them.
+
+    The bias is gathered in its own (fp32) precision and then cast, so autograd casts the rows' gradient to fp32
+    before the gather's backward sums it per expert: the bias gradient accumulates in fp32 as a dense layer's does
+    (summed in bf16 it drifts by several per cent)."""
     if bias is None:
         return out
-    return (out.to(bias.dtype) + bias[row_expert]).to(out.dtype)
+    return out + bias[row_expert].to(out.dtype)
 
 
 class Experts(nn.Module):
