@@ -3,6 +3,7 @@
 Every layout mistake a user can make (no folder, no classes, an empty class, val classes missing from train, an
 unreadable image) is reported as one :class:`~gcvimoe.errors.GcvimoeError` line naming the path and the fix.
 """
+import glob
 from pathlib import Path
 from typing import Callable, List, Optional, Sequence
 
@@ -33,6 +34,39 @@ def find_classes(split_dir) -> List[str]:
     if not classes:
         raise GcvimoeError(f"{split_dir} holds no class folders; put each class's images in {split_dir}/<class>/")
     return classes
+
+
+def _is_image(path: Path) -> bool:
+    return path.suffix.lower() in tuple(ext.lower() for ext in IMG_EXTENSIONS) and path.is_file()
+
+
+def find_images(patterns: Sequence[str]) -> List[Path]:
+    """The image files that ``patterns`` name: files as given, folders searched recursively, globs expanded.
+
+    Files named explicitly are kept whatever their suffix (reading them decides); files found in folders or by a
+    glob are kept when their suffix is an image type. Order is as given, sorted within a folder or glob; a file
+    named twice appears once. A pattern that matches nothing, or no image at all, is a one-line error.
+    """
+    found: List[Path] = []
+    for pattern in patterns:
+        path = Path(pattern)
+        if path.is_file():
+            found.append(path)
+        elif path.is_dir():
+            images = sorted(p for p in path.rglob("*") if _is_image(p))
+            if not images:
+                raise GcvimoeError(f"folder {path} holds no image files ({', '.join(IMG_EXTENSIONS[:4])}, ...)")
+            found.extend(images)
+        elif glob.has_magic(pattern):
+            images = sorted(p for p in map(Path, glob.glob(pattern, recursive=True)) if _is_image(p))
+            if not images:
+                raise GcvimoeError(f"no image file matches {pattern!r}; check the pattern (quote it for the shell)")
+            found.extend(images)
+        else:
+            raise GcvimoeError(f"image {path} not found; pass existing image files, folders or glob patterns")
+    if not found:
+        raise GcvimoeError("no images given; pass image files, folders or glob patterns")
+    return list(dict.fromkeys(found))
 
 
 def load_image(path, mode: str) -> Image.Image:
