@@ -6,6 +6,7 @@ the new one, never a mix. A failed write removes its temporary file and raises o
 """
 import errno
 import os
+import shutil
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator, Union
@@ -38,14 +39,19 @@ def atomic_path(path: PathLike) -> Iterator[Path]:
         os.replace(tmp, path)
     except OSError as e:
         tmp.unlink(missing_ok=True)
-        if e.errno in (errno.ENOSPC, errno.EDQUOT):
-            raise GcvimoeError(f"no space left to write {path}; free disk space or choose another --output") from None
-        if e.errno in (errno.EROFS, errno.EACCES, errno.EPERM):
-            raise GcvimoeError(f"cannot write {path} ({os.strerror(e.errno)}); choose a writable --output") from None
-        raise
+        _raise_write_error(e, path)
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
+
+
+def _raise_write_error(e: OSError, path: Path) -> None:
+    """A full disk or a read-only place as one line; any other OSError as it is."""
+    if e.errno in (errno.ENOSPC, errno.EDQUOT):
+        raise GcvimoeError(f"no space left to write {path}; free disk space or choose another --output") from None
+    if e.errno in (errno.EROFS, errno.EACCES, errno.EPERM):
+        raise GcvimoeError(f"cannot write {path} ({os.strerror(e.errno)}); choose a writable --output") from None
+    raise e
 
 
 def write_text(path: PathLike, text: str) -> Path:
@@ -53,3 +59,32 @@ def write_text(path: PathLike, text: str) -> Path:
     with atomic_path(path) as tmp:
         tmp.write_text(text)
     return Path(path)
+
+
+@contextmanager
+def atomic_dir(path: PathLike) -> Iterator[Path]:
+    """Yield a temporary folder to fill; on success it replaces the folder ``path``, on failure it is removed.
+
+    A folder cannot be swapped in one step: the old one is first renamed aside, so a crash in between leaves the new
+    folder complete under its temporary name and the old one intact, never a mix of both.
+    """
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise GcvimoeError(f"{path} is a file, not a folder; choose another output path")
+    tmp, old = temporary_path(path), path.with_name(f".{path.name}.old")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir()
+        yield tmp
+        shutil.rmtree(old, ignore_errors=True)
+        if path.exists():
+            os.replace(path, old)
+        os.replace(tmp, path)
+        shutil.rmtree(old, ignore_errors=True)
+    except OSError as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        _raise_write_error(e, path)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
