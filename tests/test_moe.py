@@ -36,6 +36,17 @@ def test_identical_experts_dropless_normalized_equal_dense_mlp(top_k):
     grad = torch.randn_like(ref)
     out.backward(grad)
     ref.backward(grad)
+    if top_k == 1:
+        # the gate is p / p.detach(): value 1, gradient dp / p, so the router (and x through it) learns from the task
+        x_router = x.detach().clone().requires_grad_()
+        weight = layer.router.weight.detach().clone().requires_grad_()
+        p = torch.softmax(x_router.reshape(-1, 16) @ weight.t(), -1).max(-1).values
+        with torch.no_grad():
+            expert_out = mlp(x).reshape(-1, 16)
+        (grad.reshape(-1, 16) * expert_out * (p / p.detach())[:, None]).sum().backward()
+        torch.testing.assert_close(layer.router.weight.grad, weight.grad, rtol=1e-5, atol=1e-6)
+        assert weight.grad.abs().sum() > 0
+        x_ref.grad += x_router.grad
     torch.testing.assert_close(x.grad, x_ref.grad, rtol=1e-5, atol=1e-6)
     # every token's gradient lands in the experts it used; summed over experts it is the dense gradient
     torch.testing.assert_close(layer.experts.fc1_weight.grad.sum(0), mlp.fc1.weight.grad.t(), rtol=1e-4, atol=1e-5)

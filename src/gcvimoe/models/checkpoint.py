@@ -5,7 +5,10 @@ holds tensors and a string header; ``.pth`` files are read with ``torch.load(wei
 
 - a training checkpoint (``last.pth``, ``best.pth``): a dict with ``model_name``, ``model_args``, ``state_dict``
   (``ema_state_dict``), ``data_config`` and the training state;
-- a ``.safetensors`` export, with the model name and constructor arguments in its header;
+- a model folder in the Hugging Face / timm layout (``config.json`` and ``model.safetensors``), which
+  ``timm.create_model('local-dir:DIR', pretrained=True)`` also loads; ``local-dir:DIR`` and ``hf-hub:NAME`` (from the
+  local Hugging Face cache only) name one too;
+- a ``.safetensors`` export, with the model name, constructor arguments and preprocessing in its header;
 - a plain or wrapped state dict (timm ``gcvit_*``, NVlabs: ``model``/``state_dict`` keys).
 """
 import json
@@ -24,6 +27,8 @@ from gcvimoe.errors import GcvimoeError
 PathLike = Union[str, os.PathLike]
 MODEL_KEY = 'gcvimoe.model'
 ARGS_KEY = 'gcvimoe.model_args'
+DATA_KEY = 'gcvimoe.data_config'
+CONFIG_FILE, WEIGHTS_FILE = 'config.json', 'model.safetensors'
 _EXPERT_KEY = re.compile(r'^(.*)\.mlp\.experts\.fc1_weight$')
 TRAINING_KEYS = ('model_name', 'model_args', 'state_dict', 'data_config')
 
@@ -51,11 +56,16 @@ class Checkpoint:
 
 
 def read_checkpoint(path: PathLike) -> Checkpoint:
-    """Read any model file on the CPU, with one-line errors for a missing, foreign or damaged file."""
-    path = Path(path)
+    """Read any model file or folder on the CPU, with one-line errors for a missing, foreign or damaged one."""
+    text = str(path)
+    if text.startswith('hf-hub:'):
+        path = _hub_folder(text.removeprefix('hf-hub:'))
+    else:
+        path = Path(text.removeprefix('local-dir:'))
+    if path.is_dir():
+        return _read_model_folder(path)
     if not path.is_file():
-        what = "is a folder" if path.is_dir() else "not found"
-        raise GcvimoeError(f"checkpoint {path} {what}; pass the path of a .pth or .safetensors file")
+        raise GcvimoeError(f"checkpoint {path} not found; pass a .pth or .safetensors file or a model folder")
     if path.suffix == '.safetensors':
         return _read_safetensors(path)
     try:
@@ -88,7 +98,52 @@ def _read_safetensors(path: Path) -> Checkpoint:
                            f"`gcvimoe convert export`") from None
     if MODEL_KEY not in meta:
         return Checkpoint(path, state_dict)
-    return Checkpoint(path, state_dict, meta[MODEL_KEY], json.loads(meta.get(ARGS_KEY, '{}')))
+    data_config = json.loads(meta[DATA_KEY]) if DATA_KEY in meta else None
+    return Checkpoint(path, state_dict, meta[MODEL_KEY], json.loads(meta.get(ARGS_KEY, '{}')), data_config=data_config)
+
+
+def _hub_folder(name: str) -> Path:
+    """The local copy of a Hugging Face Hub model: this package never downloads."""
+    try:
+        from huggingface_hub import snapshot_download
+        return Path(snapshot_download(name, local_files_only=True))
+    except ImportError:
+        raise GcvimoeError("hf-hub: names need huggingface_hub: pip install huggingface_hub") from None
+    except Exception:  # the hub client raises several types for a model missing from the cache
+        raise GcvimoeError(f"hf-hub:{name} is not in the local Hugging Face cache and gcvimoe does not download; "
+                           f"fetch it with `huggingface-cli download {name}` or pass a local folder") from None
+
+
+def _read_model_folder(folder: Path) -> Checkpoint:
+    """A model folder: ``config.json`` (timm's layout) and ``model.safetensors``."""
+    config_path, weights = folder / CONFIG_FILE, folder / WEIGHTS_FILE
+    if not config_path.is_file() or not weights.is_file():
+        raise GcvimoeError(f"{folder} is a folder without {CONFIG_FILE} and {WEIGHTS_FILE}; pass a model folder "
+                           f"(RUN/model, or one written by `gcvimoe convert export`) or a checkpoint file")
+    try:
+        config = json.loads(config_path.read_text())
+        name, args, pretrained = config['architecture'], dict(config.get('model_args', {})), config['pretrained_cfg']
+    except (ValueError, KeyError, TypeError) as e:
+        raise GcvimoeError(f"{config_path} is not a timm model config ({type(e).__name__}: {e}); re-export the "
+                           f"model with `gcvimoe convert export`") from None
+    args.pop('global_pool', None)
+    checkpoint = _read_safetensors(weights)
+    return Checkpoint(folder, checkpoint.state_dict, name, args,
+                      data_config=_data_config(config, pretrained, args))
+
+
+def _data_config(config: Dict[str, Any], pretrained: Dict[str, Any], args: Dict[str, Any]) -> Dict[str, Any]:
+    """The training preprocessing and class names, from a timm ``pretrained_cfg`` and gcvimoe's own record."""
+    num_classes = config.get('num_classes', pretrained.get('num_classes'))
+    names = config.get('label_names') or pretrained.get('label_names')
+    in_chans, height = pretrained['input_size'][0], pretrained['input_size'][1]
+    recorded = config.get('gcvimoe', {}).get('data_config', {})
+    return {
+        'dataset': recorded.get('dataset', ''), 'data_dir': recorded.get('data_dir', ''), 'img_size': height,
+        'in_chans': args.get('in_chans', in_chans), 'mean': list(pretrained['mean']), 'std': list(pretrained['std']),
+        'interpolation': pretrained.get('interpolation', 'bicubic'), 'crop_pct': pretrained.get('crop_pct', 1.0),
+        'class_names': list(names) if names else [str(i) for i in range(num_classes)],
+    }
 
 
 def _strip_prefixes(state_dict: Dict[str, Any]) -> Dict[str, torch.Tensor]:
@@ -109,7 +164,7 @@ def build_model(model_name: str, model_args: Dict[str, Any]) -> nn.Module:
                            "the MoE options") from None
 
 
-def _experts_per_layer(state_dict: Dict[str, torch.Tensor]) -> Dict[str, int]:
+def experts_per_layer(state_dict: Dict[str, torch.Tensor]) -> Dict[str, int]:
     return {m.group(1): v.shape[0] for k, v in state_dict.items() if (m := _EXPERT_KEY.match(k))}
 
 
@@ -119,7 +174,7 @@ def load_weights(model: nn.Module, state_dict: Dict[str, torch.Tensor], source: 
 
     state_dict = checkpoint_filter_fn(state_dict, model)
     target = model.state_dict()
-    have, want = _experts_per_layer(state_dict), _experts_per_layer(target)
+    have, want = experts_per_layer(state_dict), experts_per_layer(target)
     if set(have) != set(want):
         raise GcvimoeError(
             f"{source} has MoE layers at {sorted(have) or 'none'} but the model at {sorted(want) or 'none'}; build "
@@ -150,35 +205,58 @@ def load_weights(model: nn.Module, state_dict: Dict[str, torch.Tensor], source: 
     model.load_state_dict(state_dict, strict=True)
 
 
-def model_from_checkpoint(checkpoint: Union[Checkpoint, PathLike], use_ema: bool = False, **overrides) -> nn.Module:
+def args_from_state_dict(state_dict: Dict[str, torch.Tensor]) -> Dict[str, Any]:
+    """Constructor arguments a plain state dict implies: classes, input channels and experts per MoE layer."""
+    args: Dict[str, Any] = {}
+    if 'head.fc.weight' in state_dict:
+        args['num_classes'] = state_dict['head.fc.weight'].shape[0]
+    if 'stem.conv1.weight' in state_dict:
+        args['in_chans'] = state_dict['stem.conv1.weight'].shape[1]
+    experts = set(experts_per_layer(state_dict).values())
+    args['num_experts'] = experts.pop() if len(experts) == 1 else 0
+    return args
+
+
+def model_from_checkpoint(
+        checkpoint: Union[Checkpoint, PathLike],
+        use_ema: bool = False,
+        model_name: Optional[str] = None,
+        **overrides,
+) -> nn.Module:
     """Rebuild the model a file was saved from (name and arguments from the file), with its weights, in eval mode.
 
     Args:
-        checkpoint: A :class:`Checkpoint` or the path of a training checkpoint or ``.safetensors`` export.
+        checkpoint: A :class:`Checkpoint`, or any form :func:`read_checkpoint` reads.
         use_ema: Load the EMA weights of a training checkpoint.
+        model_name: The model to build for a plain state dict (a timm ``gcvit_*`` file into ``gcvimoe_*``, for
+            instance); its classes, channels and experts follow the file.
         **overrides: Constructor arguments to change (e.g. ``eval_capacity_factor``); shape-changing ones fail clearly.
     """
     if not isinstance(checkpoint, Checkpoint):
         checkpoint = read_checkpoint(checkpoint)
     source = f"checkpoint {str(checkpoint.path)!r}"
-    if checkpoint.model_name is None:
-        raise GcvimoeError(f"{source} does not say which model it holds (a plain state dict); build the model with "
-                           f"gcvimoe.create_model(...) and load it with gcvimoe.models.load_weights")
+    name, args = checkpoint.model_name, checkpoint.model_args
+    if name is None:
+        if model_name is None:
+            raise GcvimoeError(f"{source} does not say which model it holds (a plain state dict); name it with "
+                               f"--model (e.g. gcvimoe_tiny), or in Python pass model_name=...")
+        name, args = model_name, args_from_state_dict(checkpoint.state_dict)
     state_dict = checkpoint.state_dict
     if use_ema:
         if checkpoint.ema_state_dict is None:
             raise GcvimoeError(f"{source} holds no EMA weights (trained without ema); drop --use-ema")
         state_dict, source = checkpoint.ema_state_dict, f"{source} (EMA weights)"
-    model = build_model(checkpoint.model_name, {**checkpoint.model_args, **overrides})
+    model = build_model(name, {**args, **overrides})
     load_weights(model, state_dict, source=source)
     return model.eval()
 
 
 def create_model_from_checkpoint(path: PathLike, **overrides) -> nn.Module:
-    """Rebuild the model a training checkpoint or ``.safetensors`` export was saved from, with its weights.
+    """Rebuild the model a training checkpoint, ``.safetensors`` export or model folder holds, with its weights.
 
     Args:
-        path: A ``.safetensors`` export or a training checkpoint.
+        path: A training checkpoint, a ``.safetensors`` export, a model folder, ``local-dir:DIR`` or
+            ``hf-hub:NAME`` (local cache only).
         **overrides: Constructor arguments to change (e.g. ``eval_capacity_factor``); shape-changing ones fail clearly.
     """
     return model_from_checkpoint(read_checkpoint(path), **overrides)

@@ -1,27 +1,57 @@
-"""Writing models: safetensors exports that rebuild their model alone, ONNX graphs, and sparse upcycling."""
+"""Writing models: model folders timm loads, safetensors files, ONNX graphs, and sparse upcycling."""
 import json
 from pathlib import Path
-from typing import Dict
+from typing import Any, Dict, List, Optional
 
 import torch
 import torch.nn as nn
 from safetensors.torch import save_file
+from timm.models import adapt_input_conv
+from timm.models._hub import save_config_for_hf
 
 from gcvimoe.errors import GcvimoeError
-from gcvimoe.files import atomic_path
-from gcvimoe.models.checkpoint import ARGS_KEY, MODEL_KEY, PathLike, load_weights
+from gcvimoe.files import atomic_dir, atomic_path
+from gcvimoe.models.checkpoint import (
+    ARGS_KEY, CONFIG_FILE, DATA_KEY, MODEL_KEY, WEIGHTS_FILE, Checkpoint, PathLike, build_model, experts_per_layer,
+    load_weights, read_checkpoint)
+from gcvimoe.moe import moe_layers
 
+def save_model(model: nn.Module, path: PathLike, data_config: Optional[Dict[str, Any]] = None) -> Path:
+    """Write ``model`` so that it rebuilds alone, atomically.
 
-def save_model(model: nn.Module, path: PathLike) -> Path:
-    """Writes ``model``'s weights to ``path`` (.safetensors, atomically) with its name and constructor arguments in
-    the header."""
+    Args:
+        model: A gcvimoe model.
+        path: A ``.safetensors`` file (the model name, constructor arguments and preprocessing in its header), or
+            any other path for a model folder in the Hugging Face / timm layout: ``config.json`` written by timm's
+            own writer, with the constructor arguments under ``model_args`` and the preprocessing and label names in
+            ``pretrained_cfg``, and ``model.safetensors``. ``timm.create_model('local-dir:PATH', pretrained=True)``
+            loads the folder after ``import gcvimoe``.
+        data_config: The training preprocessing (``DataConfig.to_dict()``: size, mean, std, crop, interpolation,
+            class names); None keeps the model's ``pretrained_cfg``.
+    """
     path = Path(path)
-    name = getattr(model, 'model_name', None) or model.pretrained_cfg.get('architecture')
-    args = getattr(model, 'model_args', {})
-    meta = {MODEL_KEY: str(name), ARGS_KEY: json.dumps(args, sort_keys=True)}
+    # contiguous copies: the channels-last conv weights (see the model) are views safetensors refuses, which is why
+    # the weights are written here rather than by timm's save_for_hf
     state_dict = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
-    with atomic_path(path) as tmp:
-        save_file(state_dict, str(tmp), metadata=meta)
+    if path.suffix == '.safetensors':
+        meta = {MODEL_KEY: str(model.model_name), ARGS_KEY: json.dumps(model.model_args, sort_keys=True)}
+        if data_config is not None:
+            meta[DATA_KEY] = json.dumps(data_config, sort_keys=True)
+        with atomic_path(path) as tmp:
+            save_file(state_dict, str(tmp), metadata=meta)
+        return path
+    with atomic_dir(path) as tmp:
+        save_file(state_dict, str(tmp / WEIGHTS_FILE))
+        model_config: Dict[str, Any] = {}
+        preprocessing = None
+        if data_config is not None:
+            model_config = {'label_names': list(data_config['class_names']),
+                            'gcvimoe': {'data_config': data_config}}
+            preprocessing = {'input_size': (data_config['in_chans'], data_config['img_size'], data_config['img_size']),
+                             'mean': tuple(data_config['mean']), 'std': tuple(data_config['std']),
+                             'crop_pct': data_config['crop_pct'], 'interpolation': data_config['interpolation']}
+        save_config_for_hf(model, tmp / CONFIG_FILE, model_config=model_config, model_args=dict(model.model_args),
+                           data_config=preprocessing)
     return path
 
 
@@ -72,6 +102,10 @@ def upcycle(
 ) -> nn.Module:
     """Sparse upcycling (Komatsuzaki et al., 2023): a GCViMoE whose experts all start as the dense MLP they replace.
 
+    Unless told otherwise the gates are normalised (``normalize_gates=True``), so that with dropless evaluation the
+    upcycled model gives the dense model's outputs; with ``top_k=1`` the gate keeps its gradient (see
+    :func:`gcvimoe.moe.router.top_k_routing`).
+
     Args:
         model_name: The variant, e.g. ``gcvimoe_tiny``.
         dense_state_dict: Weights of the dense model (ours or timm's ``gcvit_*`` layout).
@@ -79,21 +113,70 @@ def upcycle(
         seed: Seed for the router's fresh initialisation and the noise.
         **model_args: Constructor arguments of the MoE model (``num_experts``, ``top_k``, ``moe_blocks``, ...).
     """
-    from gcvimoe.models.factory import create_model
-    from gcvimoe.moe import moe_layers
-
-    dense_args = dict(model_args, num_experts=0)
-    dense = create_model(model_name, **dense_args)
-    load_weights(dense, dense_state_dict, source='dense checkpoint')
+    model_args.setdefault('normalize_gates', True)
     torch.manual_seed(seed)
-    model = create_model(model_name, **model_args)
+    model = build_model(model_name, model_args)
+    upcycle_into(model, dense_state_dict, noise_std=noise_std)
+    return model
+
+
+def _dense_twin(model: nn.Module) -> nn.Module:
+    """The model with the same arguments and no MoE layer."""
+    args = dict(model.model_args)
+    args['moe'] = dict(args.get('moe') or {}, num_experts=0)
+    return build_model(model.model_name, args)
+
+
+def upcycle_into(model: nn.Module, dense_state_dict: Dict[str, torch.Tensor], noise_std: float = 0.0) -> None:
+    """Load dense weights into a MoE ``model`` in place: every expert a copy of the MLP it replaces, routers as
+    they are (fresh)."""
     layers = dict(moe_layers(model))
     if not layers:
         raise GcvimoeError("upcycling needs num_experts > 0 and at least one MoE block; set --num-experts")
+    dense = _dense_twin(model)
+    load_weights(dense, dense_state_dict, source='dense checkpoint')
     # everything outside the MoE layers is copied as is; each MoE layer gets the dense MLP it replaces
     rest = {k: v for k, v in dense.state_dict().items() if not any(k.startswith(name + '.') for name in layers)}
     missing, unexpected = model.load_state_dict(rest, strict=False)
     assert not unexpected and all(any(k.startswith(name + '.') for name in layers) for k in missing)
     for name, layer in layers.items():
         layer.load_from_mlp(dense.get_submodule(name), noise_std=noise_std)
-    return model
+
+
+def load_initial_weights(model: nn.Module, source: PathLike, noise_std: float = 0.0) -> List[str]:
+    """Start ``model`` from the weights of ``source`` (any form :func:`read_checkpoint` reads), as timm's
+    ``--initial-checkpoint``; returns one line per adaptation made, for the run's log.
+
+    Dense weights into a MoE model are upcycled (:func:`upcycle_into`); a head of another class count is left
+    freshly initialised; a stem of another channel count is adapted with timm's ``adapt_input_conv``.
+    """
+    checkpoint: Checkpoint = read_checkpoint(source)
+    state_dict = dict(checkpoint.state_dict)
+    notes = _adapt_head_and_stem(model, state_dict)
+    if dict(moe_layers(model)) and not experts_per_layer(state_dict):
+        upcycle_into(model, state_dict, noise_std=noise_std)
+        notes.append(f"upcycled the dense weights: every expert starts as its MLP (noise std {noise_std:g}), "
+                     f"routers start fresh")
+    else:
+        load_weights(model, state_dict, source=f"initial checkpoint {source}")
+    return [f"initial weights from {source}"] + notes
+
+
+def _adapt_head_and_stem(model: nn.Module, state_dict: Dict[str, torch.Tensor]) -> List[str]:
+    """Replace a head of another class count by the model's fresh one, adapt the stem's input channels."""
+    from gcvimoe.models.gcvit import checkpoint_filter_fn
+
+    state_dict.update(checkpoint_filter_fn(state_dict, model))
+    target, notes = model.state_dict(), []
+    head = state_dict.get('head.fc.weight')
+    if head is not None and head.shape != target['head.fc.weight'].shape:
+        for key in ('head.fc.weight', 'head.fc.bias'):
+            state_dict[key] = target[key]
+        notes.append(f"the checkpoint has {head.shape[0]} classes and the model {target['head.fc.weight'].shape[0]}: "
+                     f"the head is re-initialised")
+    stem = state_dict.get('stem.conv1.weight')
+    if stem is not None and stem.shape[1] != target['stem.conv1.weight'].shape[1]:
+        in_chans = target['stem.conv1.weight'].shape[1]
+        state_dict['stem.conv1.weight'] = adapt_input_conv(in_chans, stem)
+        notes.append(f"the stem is adapted from {stem.shape[1]} to {in_chans} input channels")
+    return notes

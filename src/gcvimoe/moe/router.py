@@ -115,8 +115,9 @@ def top_k_routing(
     Args:
         logits: Router logits ``[t, e]`` (fp32 or wider).
         top_k: Experts per token ``k``.
-        normalize_gates: Divide each token's ``k`` gates by their sum (before any capacity drop); with ``k = 1`` the
-            gate becomes 1.
+        normalize_gates: Divide each token's ``k`` gates by their sum (before any capacity drop). With ``k = 1`` the
+            gate's value becomes 1 while it keeps the probability's gradient (``p / p.detach()``), so the router still
+            learns from the task loss; an upcycled model then starts with its dense model's outputs.
         noise_std: Standard deviation of Gaussian noise added to the logits before the choice; 0 for none.
 
     Returns:
@@ -129,7 +130,11 @@ def top_k_routing(
         top_probs, top_experts = probs.max(dim=-1, keepdim=True)
     else:
         top_probs, top_experts = probs.topk(top_k, dim=-1)  # [t, k], column 0 is each token's first choice
-    gates = top_probs / top_probs.sum(dim=-1, keepdim=True) if normalize_gates else top_probs
+    gates = top_probs
+    if normalize_gates:
+        total = top_probs.sum(dim=-1, keepdim=True)
+        # p / p is the constant 1 and would leave the router only the aux loss: divide by the detached sum instead
+        gates = top_probs / (total.detach() if top_k == 1 else total)
     return Routing(
         logits=logits,
         probs=probs,
