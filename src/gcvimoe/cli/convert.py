@@ -1,15 +1,20 @@
-"""`gcvimoe convert`: upcycle dense GC ViT weights into a GCViMoE, export a checkpoint as safetensors or ONNX.
+"""`gcvimoe convert`: upcycle dense GC ViT weights into a GCViMoE, export a checkpoint as a model folder,
+safetensors or ONNX.
 
     gcvimoe convert upcycle --model gcvimoe_tiny --checkpoint gcvit_tiny.pth --num-experts 8 --output moe.safetensors
+    gcvimoe convert export --checkpoint output/digits/best.pth --output digits_model     # a folder timm loads
     gcvimoe convert export --checkpoint output/digits/best.pth --output digits.safetensors
     gcvimoe convert onnx --checkpoint output/digits/best.pth --output digits.onnx
 """
 import argparse
 import json
 
+import torch
+
 from gcvimoe.errors import GcvimoeError
-from gcvimoe.models import create_model_from_checkpoint, read_checkpoint, save_model, upcycle
-from gcvimoe.models.export import export_onnx, onnx_max_difference
+from gcvimoe.models import (
+    create_model_from_checkpoint, load_weights, model_from_checkpoint, read_checkpoint, save_model, upcycle)
+from gcvimoe.models.export import dense_twin, export_onnx, onnx_max_difference
 from gcvimoe.moe import moe_layers
 
 
@@ -18,9 +23,11 @@ def configure(parser: argparse.ArgumentParser) -> None:
     up = sub.add_parser('upcycle', help='every expert starts as a copy of the dense MLP it replaces')
     up.add_argument('--model', required=True, help='target variant, e.g. gcvimoe_tiny')
     up.add_argument('--checkpoint', required=True, help='dense weights: ours or timm gcvit_* (.pth or .safetensors)')
-    up.add_argument('--output', required=True, help='where to write the GCViMoE (.safetensors)')
+    up.add_argument('--output', required=True, help='where to write the GCViMoE (a .safetensors file or a folder)')
     up.add_argument('--num-experts', type=int, default=8)
     up.add_argument('--top-k', type=int, default=1)
+    up.add_argument('--no-normalize-gates', dest='normalize_gates', action='store_false',
+                    help='keep raw gate probabilities (the outputs then differ from the dense model\'s)')
     up.add_argument('--moe-blocks', default=None,
                     help='placement, e.g. "every 2nd block of stages 3-4" or JSON [[-1],[-1],[1,3,5],[1]]')
     up.add_argument('--noise-std', type=float, default=0.0, help='noise added to each expert copy')
@@ -28,9 +35,11 @@ def configure(parser: argparse.ArgumentParser) -> None:
     up.add_argument('--img-size', type=int, default=None)
     up.add_argument('--in-chans', type=int, default=None)
     up.add_argument('--seed', type=int, default=0)
-    ex = sub.add_parser('export', help='write a checkpoint\'s model as .safetensors with its constructor arguments')
+    ex = sub.add_parser('export', help='write a checkpoint\'s model as a model folder timm loads (config.json, '
+                                         'model.safetensors) or, for a .safetensors path, one file')
     ex.add_argument('--checkpoint', required=True)
-    ex.add_argument('--output', required=True)
+    ex.add_argument('--output', required=True, help='a folder, or a file ending in .safetensors')
+    ex.add_argument('--use-ema', action='store_true', help='export the EMA weights of a training checkpoint')
     onnx = sub.add_parser('onnx', help='write the eval model as ONNX (dynamic batch; MoE layers export dropless)')
     onnx.add_argument('--checkpoint', required=True)
     onnx.add_argument('--output', required=True)
@@ -68,10 +77,15 @@ def run(args: argparse.Namespace) -> int:
     if args.action == 'onnx':
         return _onnx(args)
     if args.action == 'export':
-        model = create_model_from_checkpoint(args.checkpoint)
-        path = save_model(model, args.output)
+        checkpoint = read_checkpoint(args.checkpoint)
+        model = model_from_checkpoint(checkpoint, use_ema=args.use_ema)
+        path = save_model(model, args.output, data_config=checkpoint.data_config)
         print(f"wrote {path} ({model.model_name}, {sum(p.numel() for p in model.parameters()) / 1e6:.2f} M params)")
         return 0
+    return _upcycle(args)
+
+
+def _upcycle(args: argparse.Namespace) -> int:
     checkpoint = read_checkpoint(args.checkpoint)
     state_dict, model_args = checkpoint.state_dict, dict(checkpoint.model_args)
     # the dense file decides the head and stem widths unless told otherwise
@@ -80,9 +94,21 @@ def run(args: argparse.Namespace) -> int:
         num_classes=args.num_classes if args.num_classes is not None else (None if head is None else head.shape[0]),
         in_chans=args.in_chans if args.in_chans is not None else (None if stem is None else stem.shape[1]),
         img_size=args.img_size).items() if v is not None})
-    model_args.update(num_experts=args.num_experts, top_k=args.top_k, moe_blocks=_placement(args.moe_blocks))
+    model_args.update(num_experts=args.num_experts, top_k=args.top_k, moe_blocks=_placement(args.moe_blocks),
+                      normalize_gates=args.normalize_gates)
     model = upcycle(args.model, state_dict, noise_std=args.noise_std, seed=args.seed, **model_args)
-    path = save_model(model, args.output)
+    path = save_model(model, args.output, data_config=checkpoint.data_config)
     print(f"wrote {path}: {args.model} with {len(list(moe_layers(model)))} MoE layers x {args.num_experts} experts, "
           f"upcycled from {args.checkpoint}")
+    print(f"largest logit difference to the dense model on a random batch of 4 (dropless eval): "
+          f"{_difference_to_dense(model, state_dict):.2e}")
     return 0
+
+
+@torch.no_grad()
+def _difference_to_dense(model, dense_state_dict) -> float:
+    dense = dense_twin(model)
+    load_weights(dense, dense_state_dict, source='dense checkpoint')
+    in_chans, (height, width) = model.pretrained_cfg['input_size'][0], model.img_size
+    images = torch.randn(4, in_chans, height, width, generator=torch.Generator().manual_seed(0))
+    return float((model.eval()(images) - dense.eval()(images)).abs().max())

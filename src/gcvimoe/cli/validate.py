@@ -4,18 +4,31 @@ The model and its preprocessing are rebuilt from the checkpoint alone; the data 
 the data it was trained on. Examples::
 
     gcvimoe validate --checkpoint runs/digits/best.pth
+    gcvimoe validate --checkpoint runs/digits/model --results-file digits.csv
     gcvimoe validate --checkpoint runs/tiny/last.pth --data-dir /data/imagenet --json
+    gcvimoe validate --model gcvimoe_tiny --checkpoint gcvit_tiny.pth --data-dir /data/imagenet   # a plain state dict
+    gcvimoe validate --model local-dir:runs/tiny/model --pretrained                               # as timm's validate.py
 """
 import argparse
 import json
 from typing import Any, Dict
 
-from gcvimoe.cli._common import add_checkpoint, add_device, add_json, add_use_ema
+from gcvimoe.cli._common import CHECKPOINT_HELP, add_device, add_json, add_use_ema
+from gcvimoe.errors import GcvimoeError
+from gcvimoe.files import write_records
 from gcvimoe.train.evaluate import validate_checkpoint
+
+RESULT_KEYS = ("checkpoint", "model", "epoch", "weights", "dataset", "split", "num_images", "top1", "top5", "loss",
+               "dropped_fraction")
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
-    add_checkpoint(parser)
+    parser.add_argument("--checkpoint", metavar="CKPT", help=CHECKPOINT_HELP + "; with --model, a plain state dict too")
+    parser.add_argument("--model", metavar="NAME",
+                        help="the model a plain state dict (--checkpoint) is loaded into, e.g. gcvimoe_tiny for a timm "
+                             "gcvit_tiny file; or local-dir:DIR / hf-hub:NAME with --pretrained")
+    parser.add_argument("--pretrained", action="store_true",
+                        help="with --model local-dir:DIR or hf-hub:NAME: evaluate that model's own weights")
     data = parser.add_mutually_exclusive_group()
     data.add_argument("--data-dir", metavar="DIR",
                       help="folder with a val/ class folder (or the Fashion-MNIST files); default: the training data")
@@ -27,6 +40,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
     add_device(parser)
     add_use_ema(parser)
     add_json(parser)
+    parser.add_argument("--results-file", metavar="FILE", help="also write the metrics to FILE (.json or .csv)")
 
 
 def format_report(result: Dict[str, Any]) -> str:
@@ -53,9 +67,30 @@ def format_report(result: Dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def _source(args: argparse.Namespace):
+    """The file or folder to read and the model name for a plain state dict, from --checkpoint/--model/--pretrained."""
+    if args.pretrained:
+        if args.model is None or not args.model.startswith(("local-dir:", "hf-hub:")):
+            raise GcvimoeError("--pretrained needs --model local-dir:DIR or hf-hub:NAME (gcvimoe models have no "
+                               "published weights); or pass --checkpoint")
+        if args.checkpoint:
+            raise GcvimoeError("pass either --model ... --pretrained or --checkpoint, not both")
+        return args.model, None
+    if not args.checkpoint:
+        raise GcvimoeError("validate needs --checkpoint CKPT (or --model local-dir:DIR --pretrained)")
+    return args.checkpoint, args.model
+
+
 def run(args: argparse.Namespace) -> int:
+    if args.results_file and not args.results_file.endswith((".json", ".csv")):
+        raise GcvimoeError(f"--results-file {args.results_file} must end in .json or .csv")
+    source, model_name = _source(args)
     result = validate_checkpoint(
-        args.checkpoint, dataset=args.dataset, data_dir=args.data_dir, split=args.split, batch_size=args.batch_size,
-        workers=args.workers, device=args.device, use_ema=args.use_ema)
+        source, dataset=args.dataset, data_dir=args.data_dir, split=args.split, batch_size=args.batch_size,
+        workers=args.workers, device=args.device, use_ema=args.use_ema, model_name=model_name)
     print(json.dumps(result) if args.json else format_report(result))
+    if args.results_file:
+        write_records(args.results_file, [{key: result[key] for key in RESULT_KEYS}])
+        if not args.json:
+            print(f"results: {args.results_file}")
     return 0

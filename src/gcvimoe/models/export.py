@@ -1,7 +1,7 @@
 """Writing models: model folders timm loads, safetensors files, ONNX graphs, and sparse upcycling."""
 import json
 from pathlib import Path
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List, Optional, Union
 
 import torch
 import torch.nn as nn
@@ -120,7 +120,7 @@ def upcycle(
     return model
 
 
-def _dense_twin(model: nn.Module) -> nn.Module:
+def dense_twin(model: nn.Module) -> nn.Module:
     """The model with the same arguments and no MoE layer."""
     args = dict(model.model_args)
     args['moe'] = dict(args.get('moe') or {}, num_experts=0)
@@ -133,7 +133,7 @@ def upcycle_into(model: nn.Module, dense_state_dict: Dict[str, torch.Tensor], no
     layers = dict(moe_layers(model))
     if not layers:
         raise GcvimoeError("upcycling needs num_experts > 0 and at least one MoE block; set --num-experts")
-    dense = _dense_twin(model)
+    dense = dense_twin(model)
     load_weights(dense, dense_state_dict, source='dense checkpoint')
     # everything outside the MoE layers is copied as is; each MoE layer gets the dense MLP it replaces
     rest = {k: v for k, v in dense.state_dict().items() if not any(k.startswith(name + '.') for name in layers)}
@@ -143,14 +143,15 @@ def upcycle_into(model: nn.Module, dense_state_dict: Dict[str, torch.Tensor], no
         layer.load_from_mlp(dense.get_submodule(name), noise_std=noise_std)
 
 
-def load_initial_weights(model: nn.Module, source: PathLike, noise_std: float = 0.0) -> List[str]:
-    """Start ``model`` from the weights of ``source`` (any form :func:`read_checkpoint` reads), as timm's
-    ``--initial-checkpoint``; returns one line per adaptation made, for the run's log.
+def load_initial_weights(model: nn.Module, source: Union[Checkpoint, PathLike], noise_std: float = 0.0) -> List[str]:
+    """Start ``model`` from the weights of ``source`` (a :class:`Checkpoint` or any form :func:`read_checkpoint`
+    reads), as timm's ``--initial-checkpoint``; returns one line per adaptation made, for the run's log.
 
     Dense weights into a MoE model are upcycled (:func:`upcycle_into`); a head of another class count is left
     freshly initialised; a stem of another channel count is adapted with timm's ``adapt_input_conv``.
     """
-    checkpoint: Checkpoint = read_checkpoint(source)
+    checkpoint = source if isinstance(source, Checkpoint) else read_checkpoint(source)
+    source = checkpoint.path
     state_dict = dict(checkpoint.state_dict)
     notes = _adapt_head_and_stem(model, state_dict)
     if dict(moe_layers(model)) and not experts_per_layer(state_dict):

@@ -1,43 +1,80 @@
-"""Prediction: the top-k labels of image files, with probabilities, from a checkpoint alone."""
-from pathlib import Path
-from typing import Any, Dict, List, Sequence
+"""Prediction: the top-k labels of images, with probabilities, from a checkpoint, export or model folder alone.
+
+Images are files, folders (searched recursively) or glob patterns, read in batches; an unreadable image is skipped
+and reported, and the rest still get their predictions.
+"""
+from dataclasses import dataclass, field
+from typing import Any, Dict, List, Sequence, Tuple
 
 import torch
 
-from gcvimoe.data import build_transform, load_image
+from gcvimoe.data import build_transform, find_images, load_image
 from gcvimoe.errors import GcvimoeError
 from gcvimoe.models import model_from_checkpoint, read_checkpoint
 from gcvimoe.train.distributed import resolve_device
 from gcvimoe.train.evaluate import trained_data_config
 
 
+@dataclass
+class Predictions:
+    """What :func:`predict` returns: one result per readable image, in input order, and the skipped files.
+
+    Attributes:
+        results: ``{"image": path, "top": [{"label": name, "probability": p}, ...]}``, most likely first.
+        skipped: ``(path, reason)`` for every image that could not be read.
+    """
+    results: List[Dict[str, Any]] = field(default_factory=list)
+    skipped: List[Tuple[str, str]] = field(default_factory=list)
+
+
 @torch.no_grad()
-def predict(
+def predict(  # noqa: PLR0913  (the command's flags)
         checkpoint_path,
         images: Sequence[str],
         topk: int = 5,
+        batch_size: int = 64,
         device: str = "auto",
         use_ema: bool = False,
-) -> List[Dict[str, Any]]:
-    """For each image: ``{"image": path, "top": [{"label": name, "probability": p}, ...]}``, most likely first."""
-    missing = [str(path) for path in images if not Path(path).is_file()]
-    if missing:
-        raise GcvimoeError(f"image {missing[0]} not found" + (f" (and {len(missing) - 1} more)" if missing[1:] else "")
-                           + "; pass paths of existing image files")
+) -> Predictions:
+    """Predict the top ``topk`` labels of every image that ``images`` names (files, folders, globs)."""
+    if topk < 1:
+        raise GcvimoeError(f"--topk must be at least 1, got {topk}")
+    if batch_size < 1:
+        raise GcvimoeError(f"--batch-size must be at least 1, got {batch_size}")
+    paths = find_images(images)
     checkpoint = read_checkpoint(checkpoint_path)
     data_cfg = trained_data_config(checkpoint, "predict with")
+    topk = min(topk, data_cfg.num_classes)  # as timm: the default 5 on a 3-class model lists all 3
     device = resolve_device(device)
     model = model_from_checkpoint(checkpoint, use_ema=use_ema).to(device)
     transform = build_transform(data_cfg, is_training=False)
     mode = "L" if data_cfg.in_chans == 1 else "RGB"
-    k = min(topk, data_cfg.num_classes)
-    results = []
-    for path in images:
-        x = transform(load_image(path, mode)).unsqueeze(0).to(device)
-        probs = model(x).float().softmax(dim=-1)[0]
-        values, indices = probs.topk(k)
-        results.append({
-            "image": str(path),
-            "top": [{"label": data_cfg.class_names[i], "probability": float(p)} for p, i in zip(values, indices)],
-        })
-    return results
+    out = Predictions()
+    for start in range(0, len(paths), batch_size):
+        batch, names = [], []
+        for path in paths[start:start + batch_size]:
+            try:
+                batch.append(transform(load_image(path, mode)))
+                names.append(str(path))
+            except GcvimoeError as e:
+                out.skipped.append((str(path), str(e)))
+        if not batch:
+            continue
+        probs = model(torch.stack(batch).to(device)).float().softmax(dim=-1).cpu()
+        values, indices = probs.topk(topk, dim=-1)
+        for name, row_values, row_indices in zip(names, values.tolist(), indices.tolist()):
+            out.results.append({"image": name, "top": [
+                {"label": data_cfg.class_names[i], "probability": p} for p, i in zip(row_values, row_indices)]})
+    return out
+
+
+def result_rows(predictions: Predictions) -> List[Dict[str, Any]]:
+    """One flat row per image for a CSV or JSON file: ``image``, then ``label_1``, ``probability_1``, ..."""
+    rows = []
+    for result in predictions.results:
+        row: Dict[str, Any] = {"image": result["image"]}
+        for rank, entry in enumerate(result["top"], 1):
+            row[f"label_{rank}"] = entry["label"]
+            row[f"probability_{rank}"] = round(entry["probability"], 6)
+        rows.append(row)
+    return rows

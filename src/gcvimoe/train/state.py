@@ -58,7 +58,11 @@ def load_training_checkpoint(path) -> Dict[str, Any]:
     """The training state of a gcvimoe training checkpoint, with one-line errors for any other file."""
     checkpoint = read_checkpoint(path)
     if checkpoint.training is None:
-        raise GcvimoeError(f"{path} is not a gcvimoe training checkpoint; resume from a last.pth of gcvimoe train")
+        raise GcvimoeError(f"{path} is not a gcvimoe training checkpoint; resume from a last.pth of gcvimoe train, or "
+                           f"start from its weights with --initial-checkpoint")
+    if "optimizer" not in checkpoint.training:
+        raise GcvimoeError(f"{path} holds weights only (best.pth keeps no optimiser state); resume from the run's "
+                           f"last.pth, or start from these weights with --initial-checkpoint")
     return checkpoint.training
 
 

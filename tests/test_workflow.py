@@ -1,0 +1,185 @@
+"""The user's workflow around training: initial weights and upcycling, model folders timm loads, validate and
+predict on any checkpoint form, run folders that are never overwritten silently, device errors."""
+import csv
+import json
+import re
+
+import pytest
+import timm
+import torch
+from test_cli_errors import assert_one_error_line, run_cli
+from test_train import CLASSES, make_image_folder, read_summary
+
+from gcvimoe.cli import main
+from gcvimoe.data import build_transform, create_dataset, create_loader, resolve_data_config
+from gcvimoe.models import build_model, create_model, read_checkpoint, save_model
+from gcvimoe.moe import moe_layers
+from gcvimoe.train import build_config, train
+from gcvimoe.train.distributed import DistInfo
+from gcvimoe.train.evaluate import evaluate
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+NANO = {"model": "gcvimoe_nano", "model_kwargs": {"embed_dim": 16}, "img_size": 32, "batch_size": 6, "workers": 0,
+        "threads": 1, "warmup_epochs": 0, "lr": 2e-3, "scale": [0.8, 1.0]}
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+    return make_image_folder(tmp_path_factory.mktemp("data"))
+
+
+@pytest.fixture(scope="module")
+def run_dir(data_dir, tmp_path_factory):
+    """A finished 2-epoch MoE run with EMA, an epoch checkpoint every epoch and only the newest one kept."""
+    output = tmp_path_factory.mktemp("run")
+    cfg = build_config(None, dict(NANO, data_dir=str(data_dir), epochs=2, output=str(output), ema=True,
+                                  ema_decay=0.5, checkpoint_every=1, keep_last=1, tensorboard=False))
+    cfg.moe = cfg.moe.__class__(**{**cfg.moe.to_dict(), "num_experts": 4})
+    train(cfg)
+    return output
+
+
+def _dense_file(tmp_path, num_classes=len(CLASSES)):
+    torch.manual_seed(1)
+    dense = create_model("gcvimoe_nano", num_classes=num_classes, in_chans=3, img_size=32, embed_dim=16,
+                         num_experts=0)
+    return dense, save_model(dense, tmp_path / "dense.safetensors")
+
+
+def _val_loader(cfg):
+    data_cfg = resolve_data_config("folder", cfg.data_dir, img_size=cfg.img_size, crop_pct=cfg.crop_pct,
+                                   interpolation=cfg.interpolation)
+    dataset = create_dataset(data_cfg, "val", build_transform(data_cfg, is_training=False))
+    return create_loader(dataset, cfg.batch_size, is_training=False)
+
+
+def test_initial_checkpoint_upcycles_dense_weights_that_start_at_the_dense_model(data_dir, tmp_path):
+    dense, path = _dense_file(tmp_path)
+    overrides = dict(NANO, data_dir=str(data_dir), epochs=1, output=str(tmp_path / "run"), initial_checkpoint=str(path),
+                     weight_decay=0.0, tensorboard=False, moe={"num_experts": 8, "aux_loss_weight": 0.0})
+    cfg = build_config(None, overrides)
+    result = train(cfg)
+
+    expected = evaluate(dense.eval(), _val_loader(cfg), len(CLASSES), DistInfo(device=torch.device("cpu")))
+    assert result.initial_eval["loss"] == pytest.approx(expected["loss"], abs=1e-5)
+    assert result.initial_eval["top1"] == pytest.approx(expected["top1"], abs=1e-5)
+    log = (tmp_path / "run" / "train.log").read_text()
+    assert "upcycled the dense weights" in log and "initial weights" in log
+
+    # with no aux loss and no weight decay, a router moves only if the task loss reaches it through its gate
+    torch.manual_seed(cfg.seed)
+    fresh = build_model(cfg.model, {"num_classes": 3, "in_chans": 3, "img_size": 32, **cfg.model_args(),
+                                    "moe": dict(cfg.model_args()["moe"], normalize_gates=True)})
+    trained = read_checkpoint(tmp_path / "run" / "last.pth").state_dict
+    routers = [f"{name}.router.weight" for name, _ in moe_layers(fresh)]
+    assert routers and all(not torch.equal(trained[key], fresh.state_dict()[key]) for key in routers)
+
+
+def test_convert_upcycle_defaults_preserve_the_dense_outputs(tmp_path, capsys):
+    dense, path = _dense_file(tmp_path)
+    output = tmp_path / "moe.safetensors"
+    assert main(["convert", "upcycle", "--model", "gcvimoe_nano", "--checkpoint", str(path), "--output",
+                 str(output)]) == 0
+    printed = float(re.search(r"dropless eval\): ([0-9.e+-]+)", capsys.readouterr().out).group(1))
+    assert printed < 1e-5
+    moe = read_checkpoint(output)
+    model = build_model(moe.model_name, moe.model_args)
+    model.load_state_dict(moe.state_dict)
+    images = torch.randn(4, 3, 32, 32)
+    with torch.no_grad():
+        assert (model.eval()(images) - dense.eval()(images)).abs().max() < 1e-5
+
+
+def test_run_model_folder_loads_in_timm_and_reproduces_the_best_top1(run_dir, capsys):
+    model = timm.create_model(f"local-dir:{run_dir / 'model'}", pretrained=True)
+    config = timm.data.resolve_data_config({}, model=model)
+    trained = read_checkpoint(run_dir / "best.pth").data_config
+    assert config["mean"] == pytest.approx(trained["mean"]) and config["std"] == pytest.approx(trained["std"])
+    assert config["crop_pct"] == trained["crop_pct"] and config["input_size"] == (3, 32, 32)
+    assert model.pretrained_cfg["label_names"] == list(CLASSES)
+
+    capsys.readouterr()
+    assert main(["validate", "--checkpoint", str(run_dir / "model"), "--json", "--workers", "0"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    rows = read_summary(run_dir / "summary.csv")
+    best = max(rows, key=lambda row: float(row["eval_top1"]))  # the first best, as the trainer keeps it
+    expected = max(float(best["eval_top1"]), float(best["ema_eval_top1"]))
+    assert result["top1"] == pytest.approx(expected, abs=1e-4)
+
+
+def test_best_is_weights_only_last_is_complete_and_keep_last_bounds_the_copies(run_dir):
+    best = torch.load(run_dir / "best.pth", weights_only=True)
+    last = torch.load(run_dir / "last.pth", weights_only=True)
+    assert "optimizer" not in best and "ema_state_dict" in best and "optimizer" in last
+    assert sorted(p.name for p in run_dir.glob("checkpoint-*.pth")) == ["checkpoint-2.pth"]
+    assert f"output: {run_dir}" in (run_dir / "config.yaml").read_text()
+
+
+def test_resume_from_best_says_it_holds_weights_only(run_dir, capsys):
+    code, err = run_cli(capsys, "train", "--resume", str(run_dir / "best.pth"))
+    assert_one_error_line(code, err, "weights only", "last.pth")
+
+
+def test_a_second_run_into_the_same_folder_is_refused_and_changes_nothing(run_dir, data_dir, capsys):
+    before = {p: p.read_bytes() for p in run_dir.rglob("*") if p.is_file()}
+    code, err = run_cli(capsys, "train", "--data-dir", str(data_dir), "--output", str(run_dir), "--epochs", "1")
+    assert_one_error_line(code, err, "holds a previous run", "--resume", "--overwrite")
+    assert {p: p.read_bytes() for p in run_dir.rglob("*") if p.is_file()} == before
+
+
+def test_predict_a_folder_with_a_corrupt_image_writes_the_good_ones(run_dir, data_dir, tmp_path, capsys):
+    images = tmp_path / "images"
+    (images / "sub").mkdir(parents=True)
+    for i, name in enumerate(CLASSES):
+        (images / ("sub" if i else "") / f"{name}.png").write_bytes((data_dir / "val" / name / "0.png").read_bytes())
+    (images / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n not an image")
+    results = tmp_path / "predictions.csv"
+    code, err = run_cli(capsys, "predict", "--checkpoint", str(run_dir / "model"), str(images), "--topk", "2",
+                        "--batch-size", "2", "--results-file", str(results))
+    assert code == 0
+    with open(results) as f:
+        rows = list(csv.DictReader(f))
+    assert sorted(row["image"].rsplit("/", 1)[1] for row in rows) == sorted(f"{name}.png" for name in CLASSES)
+    assert all(row["label_1"] in CLASSES and 0 < float(row["probability_1"]) <= 1 for row in rows)
+    assert "broken.png" in err and "skipped" in err
+    code, err = run_cli(capsys, "predict", "--checkpoint", str(run_dir / "model"), str(images), "--topk", "0")
+    assert_one_error_line(code, err, "--topk must be at least 1")
+
+
+def test_validate_a_plain_state_dict_into_a_named_model_with_a_results_file(data_dir, tmp_path, capsys):
+    torch.manual_seed(2)
+    dense = create_model("gcvimoe_nano", num_classes=len(CLASSES), in_chans=3, num_experts=0).eval()
+    plain, results = tmp_path / "plain.pth", tmp_path / "metrics.csv"
+    torch.save({"model": dense.state_dict()}, plain)
+    code, _ = run_cli(capsys, "validate", "--model", "gcvimoe_nano", "--checkpoint", str(plain), "--data-dir",
+                      str(data_dir), "--results-file", str(results), "--workers", "0")
+    assert code == 0
+    with open(results) as f:
+        (row,) = list(csv.DictReader(f))
+    # the named model's own preprocessing (timm's pretrained_cfg) on the named data
+    data_cfg = resolve_data_config("folder", str(data_dir), img_size=32, in_chans=3, crop_pct=0.875)
+    loader = create_loader(create_dataset(data_cfg, "val", build_transform(data_cfg, is_training=False)), 4, False)
+    expected = evaluate(dense, loader, len(CLASSES), DistInfo(device=torch.device("cpu")))
+    assert float(row["top1"]) == pytest.approx(expected["top1"], abs=1e-4)
+    assert float(row["loss"]) == pytest.approx(expected["loss"], rel=1e-5)
+    code, err = run_cli(capsys, "validate", "--checkpoint", str(plain), "--data-dir", str(data_dir))
+    assert_one_error_line(code, err, "plain state dict", "--model")
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without a GPU")
+@pytest.mark.parametrize("argv", [
+    ["train", "--epochs", "1"],
+    ["validate", "--checkpoint", "CKPT"],
+    ["predict", "--checkpoint", "CKPT", "IMAGE"],
+    ["benchmark", "--model", "gcvimoe_nano", "--img-size", "32"],
+])
+@pytest.mark.parametrize("device", ["cuda", "gpu"])
+def test_an_unavailable_or_unknown_device_is_one_line_exit_2(argv, device, run_dir, data_dir, capsys, tmp_path,
+                                                             monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    image = str(data_dir / "val" / "circle" / "0.png")
+    argv = [str(run_dir / "model") if a == "CKPT" else image if a == "IMAGE" else a for a in argv]
+    code, err = run_cli(capsys, *argv, "--device", device)
+    assert code == 2
+    assert_one_error_line(code, err, device, "available here: auto, cpu")
