@@ -45,6 +45,9 @@ def configure(parser: argparse.ArgumentParser) -> None:
             f"--{name.replace('_', '-')}", dest=name, default=argparse.SUPPRESS, metavar=metavar(FIELD_TYPES[name]),
             nargs="?" if is_bool else None, const="true" if is_bool else None,
             help=f"{f.metadata['help']} (default: {default!r})")
+        if is_bool and default is True:
+            group.add_argument(f"--no-{name.replace('_', '-')}", dest=name, action="store_const", const="false",
+                               default=argparse.SUPPRESS, help=f"turn --{name.replace('_', '-')} off")
     add_moe_options(parser, "config keys: MoE options (the moe: section)")
     _suggest_unknown_options(parser)
 

@@ -114,7 +114,11 @@ class TrainConfig:
     # output
     output: str = _key("", "output folder ('' = output/train/<time>-<model>-<dataset>)")
     checkpoint_every: int = _key(0, "also keep checkpoint-<epoch>.pth every N epochs (0 = off)")
-    tensorboard: bool = _key(False, "also log to TensorBoard in the output folder")
+    log_interval: int = _key(0, "training micro-batches between step lines and TensorBoard points (0 = about 5 "
+                                "per epoch)")
+    tensorboard: bool = _key(True, "log scalars to TensorBoard in <output>/tensorboard when tensorboard is installed")
+    log_wandb: bool = _key(False, "also log to Weights & Biases when wandb is installed (WANDB_MODE=offline works "
+                                  "without a network)")
 
     def to_dict(self) -> Dict[str, Any]:
         return dataclasses.asdict(self)
@@ -336,7 +340,7 @@ def check_values(cfg: TrainConfig) -> None:
         if getattr(cfg, name) < 1:
             raise GcvimoeError(f"config key '{name}' must be at least 1, got {getattr(cfg, name)}")
     non_negative = ("workers", "warmup_epochs", "cooldown_epochs", "checkpoint_every", "lr", "weight_decay",
-                    "smoothing", "mixup", "cutmix", "reprob", "color_jitter", "hflip")
+                    "smoothing", "mixup", "cutmix", "reprob", "color_jitter", "hflip", "log_interval")
     for name in non_negative:
         if getattr(cfg, name) < 0:
             raise GcvimoeError(f"config key '{name}' must not be negative, got {getattr(cfg, name)}")

@@ -13,6 +13,7 @@ from gcvimoe.models import Checkpoint, model_from_checkpoint, read_checkpoint
 from gcvimoe.train.distributed import DistInfo, all_reduce_sum, max_over_processes, resolve_device
 from gcvimoe.moe import MoEReport, collect_moe_report, moe_layers
 from gcvimoe.moe.parallel import is_expert_parallel
+from gcvimoe.train.progress import track
 
 
 def one_line(error: GcvimoeError) -> GcvimoeError:
@@ -31,7 +32,8 @@ def iterate(loader: Iterable):
 
 
 class ExpertUsage:
-    """Sums per-layer expert token counts over batches (and processes) from :class:`gcvimoe.moe.MoEReport` s.
+    """Sums per-layer expert token counts over batches (and processes) from :class:`gcvimoe.moe.MoEReport` s, on the
+    layers' device: nothing is read from it until :meth:`all_reduce`.
 
     Args:
         model: Start every MoE layer of ``model`` at zero, so that a process that saw no batch still takes part in
@@ -42,16 +44,17 @@ class ExpertUsage:
         self.tokens: Dict[str, torch.Tensor] = {}
         self.kept: Dict[str, torch.Tensor] = {}
         for name, layer in moe_layers(model) if model is not None else ():
-            self.tokens[name] = torch.zeros(layer.num_experts, dtype=torch.float64)
-            self.kept[name] = torch.zeros(layer.num_experts, dtype=torch.float64)
+            device = next(layer.parameters(), torch.empty(0)).device
+            self.tokens[name] = torch.zeros(layer.num_experts, dtype=torch.float64, device=device)
+            self.kept[name] = torch.zeros(layer.num_experts, dtype=torch.float64, device=device)
 
     def update(self, report: MoEReport) -> None:
         for name, stats in report.stats.items():
-            tokens = torch.as_tensor(stats.tokens_per_expert).detach().double().cpu()
-            kept = torch.as_tensor(stats.kept_tokens_per_expert).detach().double().cpu()
+            tokens = torch.as_tensor(stats.tokens_per_expert).detach().double()
+            kept = torch.as_tensor(stats.kept_tokens_per_expert).detach().double()
             if name in self.tokens:
-                self.tokens[name] += tokens
-                self.kept[name] += kept
+                self.tokens[name] += tokens.to(self.tokens[name].device)
+                self.kept[name] += kept.to(self.kept[name].device)
             else:
                 self.tokens[name], self.kept[name] = tokens.clone(), kept.clone()
 
@@ -101,9 +104,12 @@ def evaluate(
         info: DistInfo,
         autocast: Callable = nullcontext,
         channels_last: bool = False,
-        progress: Optional[Callable[[Iterable], Iterable]] = None,
+        desc: Optional[str] = "eval",
 ) -> Dict[str, Any]:
     """Evaluate ``model`` (not a DDP wrapper) on this process's share of ``loader``; metrics cover all processes.
+
+    The primary process shows the progress under ``desc`` (None: not at all): a bar when stderr is a terminal, else a
+    few lines on the ``gcvimoe`` logger (see :func:`gcvimoe.train.progress.track`).
 
     Returns:
         ``loss`` (mean cross-entropy), ``top1``, ``top5`` (percent), ``num_images``, ``per_class_top1`` (percent per
@@ -120,7 +126,7 @@ def evaluate(
     num_batches, example = 0, None
     expert_parallel = info.distributed and is_expert_parallel(model)
     most_batches = max_over_processes(len(loader), info) if expert_parallel else 0  # a collective: before the passes
-    for images, targets in (progress(batches) if progress else batches):
+    for images, targets in (track(batches, len(loader), desc, info) if desc else batches):
         images = images.to(info.device, non_blocking=True)
         targets = targets.to(info.device, non_blocking=True)
         if channels_last:

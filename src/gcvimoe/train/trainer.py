@@ -27,8 +27,9 @@ MoE layers computed in the forward pass; both are logged on their own.
 The output folder holds ``config.yaml`` (the effective config), ``summary.csv`` (one row per epoch: the columns of
 ``SUMMARY_COLUMNS``, ``lr`` at the end of the epoch, ``images_per_s`` summed over processes, ``dropped_fraction`` the
 share of token-to-expert assignments dropped for capacity in training), ``last.pth``, ``best.pth`` (best
-``eval_top1``), ``checkpoint-<epoch>.pth`` every ``checkpoint_every`` epochs, and ``train.log``, and
-``tensorboard/`` when asked for; the command line's plotting callback adds ``curves.png`` and ``expert_usage.png``.
+``eval_top1``), ``checkpoint-<epoch>.pth`` every ``checkpoint_every`` epochs, ``train.log`` (a line every
+``log_interval`` steps and one per epoch), and ``tensorboard/`` when tensorboard is installed (see
+:mod:`gcvimoe.train.progress`); the command line's plotting callback adds ``curves.png`` and ``expert_usage.png``.
 """
 import csv
 import logging
@@ -51,7 +52,6 @@ from timm.scheduler import create_scheduler_v2
 from timm.utils import ModelEmaV3, dispatch_clip_grad, random_seed
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
-from tqdm import tqdm
 
 from gcvimoe.data import DataConfig, build_transform, create_dataset, create_loader, resolve_data_config, set_epoch
 from gcvimoe.errors import GcvimoeError, did_you_mean
@@ -64,7 +64,8 @@ from gcvimoe.train.distributed import (
     DistInfo, all_gather_objects, all_reduce_sum, average_expert_grads, check_expert_parallel_optimizer, cleanup,
     clip_grad_norm_expert_parallel, full_state, init_distributed, local_optimizer_state, local_state_dict,
     shard_experts, wrap_model)
-from gcvimoe.train.evaluate import ExpertUsage, evaluate, iterate
+from gcvimoe.train.evaluate import evaluate, iterate
+from gcvimoe.train.progress import ScalarLog, StepMeter, expert_load_scalars, resolve_log_interval, scalar_log
 from gcvimoe.train.state import rng_state, save_checkpoint, set_rng_state
 
 _logger = logging.getLogger("gcvimoe.train")
@@ -127,7 +128,10 @@ class Callback:
     """Hooks the loop calls on the primary process; the command line's plotting callback is one."""
 
     def on_step_end(self, run: Run, epoch: int, batch_idx: int, record: Dict[str, float]) -> None:
-        """After every training micro-batch: ``record`` holds its ``loss`` (cross-entropy), ``aux_loss`` and ``lr``."""
+        """Once for every training micro-batch, in order: ``record`` holds its ``loss`` (cross-entropy) and
+        ``aux_loss`` on the primary process, and the ``lr`` after it. Reading a loss off the GPU is a sync, so the
+        calls for the micro-batches since the previous log step (every ``log_interval``-th, and the first and last
+        of the epoch) all come at the next one."""
 
     def on_epoch_end(self, run: Run, state: TrainState, eval_result: Dict[str, Any]) -> None:
         """After an epoch's evaluation and checkpoint; ``state.history[-1]`` is the epoch's row."""
@@ -151,8 +155,9 @@ def _autocast(cfg: TrainConfig, device: torch.device) -> Callable:
 
 def check_finite_loss(loss: torch.Tensor, info: DistInfo, where: str) -> None:
     """Stop every process together when the loss of any of them is not finite. One process stopping alone would
-    leave the others waiting in the next collective (DDP's all-reduce, an expert all-to-all) until it times out."""
-    value = loss.detach().float().reshape(1)
+    leave the others waiting in the next collective (DDP's all-reduce, an expert all-to-all) until it times out.
+    ``loss`` may be a running sum of losses: the training loop checks the epoch's at its log steps."""
+    value = loss.detach().double().reshape(1)
     if info.distributed:
         value = all_reduce_sum(value.clone(), info)  # NaN or inf anywhere makes the sum non-finite
     if not math.isfinite(value.item()):
@@ -254,7 +259,7 @@ def check_compile_supported(device: torch.device) -> None:
                            "train without --compile")
 
 
-def _forward_backward(run: Run, images: torch.Tensor, targets: torch.Tensor, window: int, sync: bool, where: str):
+def _forward_backward(run: Run, images: torch.Tensor, targets: torch.Tensor, window: int, sync: bool):
     """One micro-batch: forward, loss, backward (DDP all-reduces on the window's last one). Returns the two losses."""
     if run.mixup_fn is not None:
         images, targets = run.mixup_fn(images, targets)
@@ -267,62 +272,63 @@ def _forward_backward(run: Run, images: torch.Tensor, targets: torch.Tensor, win
             ce_loss = run.loss_fn(logits, targets)
             aux_loss = collect_aux_loss(run.model)
             loss = ce_loss + aux_loss
-        check_finite_loss(loss, run.info, where)
         scaled = loss / window
         (run.scaler.scale(scaled) if run.scaler is not None else scaled).backward()
     return ce_loss, aux_loss
 
 
-def train_one_epoch(run: Run, epoch: int, num_updates: int) -> Dict[str, float]:
+def train_one_epoch(run: Run, epoch: int, num_updates: int, writer: Optional[ScalarLog] = None
+                    ) -> Dict[str, float]:
     """One pass over the training loader with gradient accumulation; returns the epoch's training metrics.
+
+    The losses and expert counts stay on the device and are read at log steps only (:class:`StepMeter`), where the
+    check that stops every process together on a non-finite loss runs too: the epoch's last micro-batch is a log
+    step, so no update after a non-finite loss reaches a checkpoint.
 
     Args:
         run: The run; ``run.train_model`` is what the forward pass runs (the model, its DDP wrapper, or a compiled
             version of either), ``run.model`` the bare model whose MoE layers hold the aux losses and statistics.
         epoch: The epoch (0-based), for messages.
         num_updates: Optimiser updates before this epoch (the scheduler and EMA step on it).
+        writer: Where the log steps' scalars go (TensorBoard, W&B), or None.
     """
     run.train_model.train()
     info, loader, accum = run.info, run.train_loader, run.cfg.grad_accum_steps
     num_batches = len(loader)
     last_window_start = num_batches - (num_batches % accum or accum)
-    sums = torch.zeros(3, dtype=torch.float64)  # cross-entropy, aux loss (each times batch size), images
-    usage = ExpertUsage(run.model)
-    start = time.perf_counter()
-    bar = tqdm(iterate(loader), total=num_batches, desc=f"epoch {epoch + 1}/{run.total_epochs}",
-               disable=not info.is_primary, leave=False, dynamic_ncols=True, file=sys.stderr)
+    writer = writer or ScalarLog()
     run.optimizer.zero_grad(set_to_none=True)
-    for batch_idx, (images, targets) in enumerate(bar):
-        window = accum if batch_idx < last_window_start else num_batches - last_window_start
-        need_update = batch_idx == num_batches - 1 or (batch_idx + 1) % accum == 0
-        images = images.to(info.device, non_blocking=True)
-        ce_loss, aux_loss = _forward_backward(run, images, targets.to(info.device, non_blocking=True), window,
-                                              need_update, f"at epoch {epoch + 1}, batch {batch_idx}")
-        if need_update:
-            num_updates = _optimizer_step(run, num_updates)
-        batch_size = images.shape[0]
-        ce_value, aux_value = ce_loss.item(), aux_loss.item()
-        sums += torch.tensor([ce_value * batch_size, aux_value * batch_size, batch_size], dtype=torch.float64)
-        usage.update(collect_moe_report(run.model))
-        images_per_s = float(sums[2]) * info.world_size / (time.perf_counter() - start)
-        lr = run.optimizer.param_groups[0]['lr']
-        bar.set_postfix(loss=f"{ce_value:.3f}", aux=f"{aux_value:.4f}", img_s=f"{images_per_s:.0f}",
-                        lr=f"{lr:.2e}", refresh=False)
-        if info.is_primary:
+    with StepMeter(run.model, info, num_batches, resolve_log_interval(run.cfg.log_interval, num_batches), epoch,
+                   run.total_epochs) as meter:
+        for batch_idx, (images, targets) in enumerate(iterate(loader)):
+            window = accum if batch_idx < last_window_start else num_batches - last_window_start
+            need_update = batch_idx == num_batches - 1 or (batch_idx + 1) % accum == 0
+            images = images.to(info.device, non_blocking=True)
+            ce_loss, aux_loss = _forward_backward(run, images, targets.to(info.device, non_blocking=True), window,
+                                                  need_update)
+            if need_update:
+                num_updates = _optimizer_step(run, num_updates)
+            meter.update(ce_loss, aux_loss, images.shape[0], collect_moe_report(run.model),
+                         run.optimizer.param_groups[0]["lr"])
+            if meter.is_log_step(batch_idx):
+                _log_step(run, meter, writer, epoch, batch_idx)
+    stats, experts = meter.epoch_stats()
+    writer.add("epoch", epoch + 1, expert_load_scalars(experts))
+    return {**stats, "num_updates": num_updates}
+
+
+def _log_step(run: Run, meter: StepMeter, writer: ScalarLog, epoch: int, batch_idx: int) -> None:
+    """Stop on a non-finite loss, print the step line, write the step's scalars, and hand the micro-batches since
+    the last log step to the callbacks."""
+    first = meter.batches_read
+    check_finite_loss(meter.loss_sum, run.info, f"in epoch {epoch + 1}, batches {first + 1} to {batch_idx + 1}")
+    record, experts = meter.read(batch_idx)
+    step = epoch * len(run.train_loader) + batch_idx + 1
+    writer.add("step", step, {**record, "lr": meter.step_lrs[-1], **expert_load_scalars(experts)})
+    if run.info.is_primary and run.callbacks:
+        for step_idx, step_record in meter.steps(first, batch_idx):
             for callback in run.callbacks:
-                callback.on_step_end(run, epoch, batch_idx, {"loss": ce_value, "aux_loss": aux_value, "lr": lr})
-    bar.close()
-    elapsed = time.perf_counter() - start
-    sums = all_reduce_sum(sums.to(info.device), info).cpu()  # losses and throughput of all processes
-    usage.all_reduce(info)
-    count = max(float(sums[2]), 1.0)
-    return {
-        "train_loss": float(sums[0]) / count,
-        "train_aux_loss": float(sums[1]) / count,
-        "dropped_fraction": usage.dropped_fraction,
-        "images_per_s": float(sums[2]) / elapsed,
-        "num_updates": num_updates,
-    }
+                callback.on_step_end(run, epoch, step_idx, step_record)
 
 
 def train(cfg: TrainConfig, resume: Optional[Dict[str, Any]] = None, callbacks: Sequence[Callback] = ()
@@ -459,12 +465,12 @@ def _log_header(run: Run, state: TrainState) -> None:
 
 def _train(run: Run, state: TrainState, resumed: bool, callbacks: Sequence[Callback]) -> TrainResult:
     _wrap(run)
-    writer_class = _tensorboard_writer_class() if run.cfg.tensorboard and run.info.is_primary else None
     if run.info.is_primary:
         run.output_dir.mkdir(parents=True, exist_ok=True)
         save_config(run.cfg, run.output_dir / "config.yaml")
-    with _log_to(run.output_dir, run.info, append=resumed):
-        writer = writer_class(str(run.output_dir / "tensorboard")) if writer_class is not None else None
+    wandb_config = run.cfg.to_dict() if run.cfg.log_wandb else None
+    with _log_to(run.output_dir, run.info, append=resumed), \
+            scalar_log(run.output_dir, run.info, run.cfg.tensorboard, wandb_config) as writer:
         _log_header(run, state)
         eval_result: Dict[str, Any] = {}
         for epoch in range(state.epoch, run.total_epochs):
@@ -472,8 +478,6 @@ def _train(run: Run, state: TrainState, resumed: bool, callbacks: Sequence[Callb
             if run.info.is_primary:
                 for callback in callbacks:
                     callback.on_epoch_end(run, state, eval_result)
-        if writer is not None:
-            writer.close()
         if run.info.is_primary and state.history:
             for callback in callbacks:
                 callback.on_train_end(run, state, eval_result)
@@ -501,7 +505,7 @@ def _train_epoch(run: Run, state: TrainState, epoch: int, writer) -> Dict[str, A
     """Train, evaluate, checkpoint and log one epoch; returns its evaluation."""
     set_epoch(run.train_loader, epoch, run.cfg.seed, run.info.rank)
     epoch_start = time.perf_counter()
-    train_stats = train_one_epoch(run, epoch, state.num_updates)
+    train_stats = train_one_epoch(run, epoch, state.num_updates, writer)
     state.num_updates = train_stats.pop("num_updates")
     if run.scheduler is not None:
         run.scheduler.step(epoch + 1)
@@ -513,10 +517,8 @@ def _train_epoch(run: Run, state: TrainState, epoch: int, writer) -> Dict[str, A
     if is_best:
         state.best_top1, state.best_epoch = row["eval_top1"], epoch + 1
     _checkpoint(run, state, is_best)
-    if writer is not None and run.info.is_primary:
-        for key, value in row.items():
-            writer.add_scalar(key, value, epoch + 1)
-        writer.flush()
+    writer.add("epoch", epoch + 1, {**{key: value for key, value in row.items() if key != "epoch"},
+                                    **expert_load_scalars(eval_result["experts"], "eval_experts")})
     _log_epoch(row, run.total_epochs, time.perf_counter() - epoch_start)
     return eval_result
 
@@ -558,15 +560,6 @@ def _log_epoch(row: Dict[str, float], total_epochs: int, seconds: float) -> None
         "dropped %.2f%% | %.0f img/s | %.1fs", row["epoch"], total_epochs, row["train_loss"], row["train_aux_loss"],
         row["eval_loss"], row["eval_top1"], row["eval_top5"], ema_text, row["lr"], 100 * row["dropped_fraction"],
         row["images_per_s"], seconds)
-
-
-def _tensorboard_writer_class():
-    try:
-        from torch.utils.tensorboard import SummaryWriter
-    except ImportError:
-        raise GcvimoeError("tensorboard logging needs the tensorboard package: pip install 'gcvimoe[tensorboard]'") \
-            from None
-    return SummaryWriter
 
 
 def _restore(resume: Dict[str, Any], run: Run) -> TrainState:

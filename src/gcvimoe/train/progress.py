@@ -1,0 +1,298 @@
+"""What a run shows while it runs: step lines, progress bars, and TensorBoard / Weights & Biases scalars.
+
+Reading a value the GPU computed makes the host wait for the GPU, so the training loop sums its losses, image counts
+and expert token counts on the device (:class:`StepMeter`) and reads them only at log steps: the first and the last
+micro-batch of every epoch and every ``log_interval``-th one. Each read is one all-reduce, so a step line shows the
+whole job's numbers over the micro-batches since the previous line.
+
+A progress bar is drawn by the primary process only, and only when stderr is a terminal: a redirected log (a file,
+torchrun's) gets lines and never a carriage return.
+
+TensorBoard (``<output>/tensorboard``) and W&B get the same scalars: at the log steps on the micro-batch axis
+(``step/...``) and once per epoch on the epoch axis (``epoch/...``), never every step. Each MoE layer adds
+``experts/<layer>/load_cv`` (coefficient of variation of the tokens its experts were asked to take),
+``max_load`` (the busiest expert's tokens over the mean; 1 is balanced) and ``dropped_fraction``.
+"""
+import datetime
+import logging
+import math
+import os
+import sys
+import time
+from contextlib import contextmanager, nullcontext
+from pathlib import Path
+from typing import Any, Dict, Iterable, Iterator, List, Mapping, Optional, Tuple
+
+import torch
+from torch import nn
+from tqdm import tqdm
+from tqdm.contrib.logging import logging_redirect_tqdm
+
+from gcvimoe.errors import GcvimoeError
+from gcvimoe.moe import MoEReport, moe_layers
+from gcvimoe.train.distributed import DistInfo, all_reduce_sum
+
+_logger = logging.getLogger("gcvimoe.train")
+
+LINES_PER_EPOCH = 5
+
+
+def resolve_log_interval(log_interval: int, num_batches: int) -> int:
+    """Micro-batches between log steps: ``log_interval``, or for 0 about :data:`LINES_PER_EPOCH` per epoch."""
+    return log_interval if log_interval > 0 else max(1, math.ceil(num_batches / LINES_PER_EPOCH))
+
+
+def shows_bar(info: DistInfo) -> bool:
+    """Whether this process draws progress bars: the primary one, when stderr is a terminal."""
+    return info.is_primary and sys.stderr.isatty()
+
+
+def duration(seconds: float) -> str:
+    """``0:01:23``."""
+    return str(datetime.timedelta(seconds=round(seconds)))
+
+
+def track(iterable: Iterable, total: int, desc: str, info: DistInfo) -> Iterator:
+    """``iterable``, its progress shown on the primary process: a bar on a terminal, else a few log lines."""
+    if shows_bar(info):
+        yield from tqdm(iterable, total=total, desc=desc, leave=False, dynamic_ncols=True, file=sys.stderr)
+        return
+    interval = resolve_log_interval(0, total)
+    start = time.perf_counter()
+    for done, item in enumerate(iterable, 1):
+        yield item
+        if info.is_primary and done % interval == 0 and done < total:
+            seconds_left = (time.perf_counter() - start) / done * (total - done)
+            _logger.info("%s %d/%d batches | eta %s", desc, done, total, duration(seconds_left))
+
+
+def expert_load(tokens: List[float], kept: List[float]) -> Dict[str, Any]:
+    """One MoE layer's counts in the form of :meth:`gcvimoe.train.evaluate.ExpertUsage.summary`."""
+    total = sum(tokens)
+    return {"tokens_per_expert": [t / total if total else 0.0 for t in tokens],
+            "dropped_fraction": 1.0 - sum(kept) / total if total else 0.0,
+            "token_counts": [int(t) for t in tokens]}
+
+
+def expert_load_scalars(experts: Mapping[str, Mapping[str, Any]], prefix: str = "experts") -> Dict[str, float]:
+    """``<prefix>/<layer>/load_cv``, ``max_load`` and ``dropped_fraction`` of every layer of an
+    :meth:`~gcvimoe.train.evaluate.ExpertUsage.summary`."""
+    scalars = {}
+    for name, layer in experts.items():
+        counts = torch.tensor(layer["token_counts"], dtype=torch.float64)
+        mean = float(counts.mean()) if counts.numel() else 0.0
+        scalars[f"{prefix}/{name}/load_cv"] = float(counts.std(correction=0)) / mean if mean else 0.0
+        scalars[f"{prefix}/{name}/max_load"] = float(counts.max()) / mean if mean else 0.0
+        scalars[f"{prefix}/{name}/dropped_fraction"] = float(layer["dropped_fraction"])
+    return scalars
+
+
+class StepMeter:
+    """One epoch's training sums, kept on the device and read (summed over the processes) only at log steps.
+
+    Use it as a context manager: inside, the primary process draws its bar (on a terminal) and prints step lines.
+
+    Args:
+        model: The bare model; the token counts of its MoE layers are summed.
+        info: The process group; every process must read at the same steps.
+        num_batches: Micro-batches in the epoch (the same on every process).
+        interval: Micro-batches between log steps (:func:`resolve_log_interval`).
+        epoch: The epoch (0-based), for the lines.
+        total_epochs: Epochs in the run, for the lines and the run's ETA.
+    """
+
+    def __init__(self, model: nn.Module, info: DistInfo, num_batches: int, interval: int, epoch: int,
+                 total_epochs: int):
+        self.info, self.num_batches, self.interval = info, num_batches, interval
+        self.epoch, self.total_epochs = epoch, total_epochs
+        self.layers = [(name, layer.num_experts) for name, layer in moe_layers(model)]
+        # cross-entropy and aux loss (each times the batch size), images, then every layer's requested and kept tokens
+        self.sums = torch.zeros(3 + 2 * sum(e for _, e in self.layers), dtype=torch.float64, device=info.device)
+        self.totals = [0.0] * self.sums.numel()  # the sums over the processes at the last read
+        self.step_losses = torch.zeros(num_batches, 2, device=info.device)  # this process's, per micro-batch
+        self.step_lrs: List[float] = []
+        self.batches_read = 0
+        self.start = self.last_read = time.perf_counter()
+        self.first_read: Optional[Tuple[float, int]] = None  # time and batches at the first read, for the ETA
+        self.bar = None
+
+    def __enter__(self) -> 'StepMeter':
+        if shows_bar(self.info):
+            self.bar = tqdm(total=self.num_batches, desc=f"epoch {self.epoch + 1}/{self.total_epochs}", leave=False,
+                            dynamic_ncols=True, file=sys.stderr)
+            self._redirect = logging_redirect_tqdm([logging.getLogger("gcvimoe")])
+        else:
+            self._redirect = nullcontext()
+        self._redirect.__enter__()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._redirect.__exit__(*exc)
+        if self.bar is not None:
+            self.bar.close()
+
+    def is_log_step(self, batch_idx: int) -> bool:
+        return batch_idx in (0, self.num_batches - 1) or (batch_idx + 1) % self.interval == 0
+
+    @property
+    def loss_sum(self) -> torch.Tensor:
+        """The epoch's summed losses so far, on the device (not finite once any step's loss was not)."""
+        return self.sums[0] + self.sums[1]
+
+    def update(self, ce_loss: torch.Tensor, aux_loss: torch.Tensor, batch_size: int, report: MoEReport, lr: float
+               ) -> None:
+        """Add one micro-batch and the LR after it; reads nothing from the device."""
+        losses = torch.stack([ce_loss.detach().double(), aux_loss.detach().double()])
+        self.step_losses[len(self.step_lrs)] = losses
+        self.step_lrs.append(lr)
+        losses = losses * batch_size
+        parts = [losses, losses.new_full((1,), batch_size)]
+        for name, num_experts in self.layers:
+            stats = report.stats.get(name)
+            if stats is None:
+                parts.append(losses.new_zeros(2 * num_experts))
+            else:
+                parts += [stats.tokens_per_expert.detach().double(), stats.kept_tokens_per_expert.detach().double()]
+        self.sums += torch.cat(parts)
+        if self.bar is not None:
+            self.bar.update()
+
+    def _experts(self, values: List[float]) -> Dict[str, Dict[str, Any]]:
+        out, offset = {}, 3
+        for name, num_experts in self.layers:
+            tokens, kept = values[offset:offset + num_experts], values[offset + num_experts:offset + 2 * num_experts]
+            out[name] = expert_load(tokens, kept)
+            offset += 2 * num_experts
+        return out
+
+    def _dropped(self, values: List[float]) -> float:
+        requested = kept = 0.0
+        offset = 3
+        for _, num_experts in self.layers:
+            requested += sum(values[offset:offset + num_experts])
+            kept += sum(values[offset + num_experts:offset + 2 * num_experts])
+            offset += 2 * num_experts
+        return 1.0 - kept / requested if requested else 0.0
+
+    def read(self, batch_idx: int) -> Tuple[Dict[str, float], Dict[str, Dict[str, Any]]]:
+        """The micro-batches since the last read, over all processes (a collective), and print their line.
+
+        Returns:
+            ``loss``, ``aux_loss``, ``images_per_s``, ``dropped_fraction``; and each MoE layer's counts (in the form
+            of :meth:`gcvimoe.train.evaluate.ExpertUsage.summary`).
+        """
+        lr = self.step_lrs[-1]
+        totals = all_reduce_sum(self.sums.clone(), self.info).tolist()
+        now = time.perf_counter()
+        window = [total - previous for total, previous in zip(totals, self.totals)]
+        experts = self._experts(window)
+        images = max(window[2], 1.0)
+        record = {"loss": window[0] / images, "aux_loss": window[1] / images,
+                  "images_per_s": window[2] / max(now - self.last_read, 1e-9),
+                  "dropped_fraction": self._dropped(window)}
+        self.totals, self.last_read, self.batches_read = totals, now, batch_idx + 1
+        if self.info.is_primary:
+            self._show(record, lr)
+        if self.first_read is None:
+            self.first_read = now, self.batches_read
+        return record, experts
+
+    def steps(self, first: int, last: int) -> List[Tuple[int, Dict[str, float]]]:
+        """This process's micro-batches ``first`` to ``last`` (0-based, read already): their index and ``loss``,
+        ``aux_loss`` and ``lr``. A copy from the device, after the sync of :meth:`read`."""
+        losses = self.step_losses[first:last + 1].tolist()
+        return [(first + i, {"loss": ce, "aux_loss": aux, "lr": self.step_lrs[first + i]})
+                for i, (ce, aux) in enumerate(losses)]
+
+    def _seconds_per_batch(self) -> float:
+        # from the first read on, so that the first step's one-off costs (allocation, compilation) are left out
+        start, batches = self.first_read if self.first_read is not None else (self.start, 0)
+        return (self.last_read - start) / max(self.batches_read - batches, 1)
+
+    def _show(self, record: Dict[str, float], lr: float) -> None:
+        per_batch = self._seconds_per_batch()
+        epoch_left = (self.num_batches - self.batches_read) * per_batch
+        run_left = epoch_left + (self.total_epochs - self.epoch - 1) * self.num_batches * per_batch
+        if self.bar is not None:
+            self.bar.set_postfix(loss=f"{record['loss']:.3f}", aux=f"{record['aux_loss']:.4f}",
+                                 img_s=f"{record['images_per_s']:.0f}", lr=f"{lr:.2e}", refresh=False)
+        _logger.info("step %*d/%d epoch %d/%d | loss %.4f aux %.4f | lr %.2e | dropped %.2f%% | %.0f img/s | "
+                     "eta %s (run %s)", len(str(self.num_batches)), self.batches_read, self.num_batches,
+                     self.epoch + 1, self.total_epochs, record["loss"], record["aux_loss"], lr,
+                     100 * record["dropped_fraction"], record["images_per_s"], duration(epoch_left),
+                     duration(run_left))
+
+    def epoch_stats(self) -> Tuple[Dict[str, float], Dict[str, Dict[str, Any]]]:
+        """The epoch over all processes, as of the last read (the epoch's last micro-batch is a log step)."""
+        experts = self._experts(self.totals)
+        images = max(self.totals[2], 1.0)
+        stats = {"train_loss": self.totals[0] / images, "train_aux_loss": self.totals[1] / images,
+                 "dropped_fraction": self._dropped(self.totals),
+                 "images_per_s": self.totals[2] / max(self.last_read - self.start, 1e-9)}
+        return stats, experts
+
+
+class ScalarLog:
+    """TensorBoard and Weights & Biases scalars; without either (and on every process but the primary) a no-op."""
+
+    def __init__(self, tensorboard=None, wandb_run=None):
+        self.tensorboard, self.wandb_run = tensorboard, wandb_run
+
+    def add(self, axis: str, step: int, scalars: Mapping[str, float]) -> None:
+        """``scalars`` as ``<axis>/<name>`` at ``step``: ``axis`` is 'step' (micro-batches) or 'epoch'."""
+        tagged = {f"{axis}/{name}": float(value) for name, value in scalars.items()}
+        if self.tensorboard is not None:
+            for tag, value in tagged.items():
+                self.tensorboard.add_scalar(tag, value, step)
+            if axis == "epoch":
+                self.tensorboard.flush()
+        if self.wandb_run is not None:
+            self.wandb_run.log({**tagged, axis: step})
+
+    def close(self) -> None:
+        if self.tensorboard is not None:
+            self.tensorboard.close()
+        if self.wandb_run is not None:
+            self.wandb_run.finish()
+
+
+def _tensorboard_writer(output_dir: Path):
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:
+        _logger.info("tensorboard: not installed, no TensorBoard logs (pip install tensorboard, or --no-tensorboard)")
+        return None
+    _logger.info("tensorboard: tensorboard --logdir %s", output_dir / "tensorboard")
+    return SummaryWriter(str(output_dir / "tensorboard"))
+
+
+def _wandb_run(output_dir: Path, config: Dict[str, Any]):
+    try:
+        import wandb
+    except ImportError:
+        _logger.info("log_wandb: wandb is not installed, no W&B logs (pip install wandb)")
+        return None
+    try:
+        run = wandb.init(project=os.environ.get("WANDB_PROJECT", "gcvimoe"), name=output_dir.name,
+                         dir=str(output_dir), config=config)
+    except wandb.errors.Error as e:
+        raise GcvimoeError(f"--log-wandb: {str(e).strip().splitlines()[0]}; run `wandb login`, set WANDB_MODE=offline, "
+                           "or train without --log-wandb") from None
+    for axis in ("step", "epoch"):
+        run.define_metric(axis)
+        run.define_metric(f"{axis}/*", step_metric=axis)
+    return run
+
+
+@contextmanager
+def scalar_log(output_dir: Path, info: DistInfo, tensorboard: bool, wandb_config: Optional[Dict[str, Any]]):
+    """A :class:`ScalarLog` writing to TensorBoard (when ``tensorboard`` and installed) and to W&B (when
+    ``wandb_config`` is given and wandb installed) on the primary process; closed on leaving the block."""
+    log = ScalarLog()
+    try:
+        if info.is_primary:
+            log.tensorboard = _tensorboard_writer(output_dir) if tensorboard else None
+            log.wandb_run = _wandb_run(output_dir, wandb_config) if wandb_config is not None else None
+        yield log
+    finally:
+        log.close()
