@@ -20,5 +20,6 @@ def test_demo_writes_report_with_plots(tmp_path, capsys):
     assert 10.0 < top1 <= 100.0  # one epoch already beats chance (10 %) on the digits
     for image in re.findall(r"!\[[^\]]*\]\(([^)]+)\)", report):
         assert (output / image).is_file(), image
-    assert "train/curves.png" in report and "expert_usage.png" in report
+    assert "train/curves.png" in report and "expert_usage_best.png" in report
+    assert (output / "train" / "expert_usage.png").is_file()  # the last epoch's, under another name than the best's
     assert (output / "train" / "best.pth").is_file()

@@ -55,7 +55,7 @@ def write_report(path: Path, cfg, result, metrics: Dict[str, Any], wall_seconds:
             f"Share of each MoE layer's routed tokens that each expert received (uniform = {1 / num_experts:.3f}); "
             "evaluation is dropless.",
             "",
-            f"![expert usage]({rel(path.parent / 'expert_usage.png')})",
+            f"![expert usage]({rel(path.parent / 'expert_usage_best.png')})",
             "",
         ]
     else:

@@ -4,6 +4,7 @@ import typing
 from pathlib import Path
 
 from gcvimoe.moe import config as moe_config
+from gcvimoe.moe import moe_layers
 from gcvimoe.train import Callback
 
 DEVICE_HELP = "auto (the GPU when there is one), cpu, cuda or cuda:N"
@@ -13,9 +14,12 @@ def add_device(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default="auto", help=DEVICE_HELP)
 
 
+CHECKPOINT_HELP = ("a training checkpoint (last.pth, best.pth), a .safetensors export, a model folder (RUN/model), "
+                   "local-dir:DIR or hf-hub:NAME (local cache only)")
+
+
 def add_checkpoint(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--checkpoint", required=True, metavar="CKPT",
-                        help="a training checkpoint (last.pth, best.pth) or a .safetensors export")
+    parser.add_argument("--checkpoint", required=True, metavar="CKPT", help=CHECKPOINT_HELP)
 
 
 def add_use_ema(parser: argparse.ArgumentParser) -> None:
@@ -53,12 +57,57 @@ def moe_options(args: argparse.Namespace) -> dict:
 
 
 class PlotCallback(Callback):
-    """Draws the training curves and the expert usage into the run folder when training ends (the loop never draws)."""
+    """Redraws ``curves.png`` and ``expert_usage.png`` (the latest epoch's evaluation) in the run folder after every
+    epoch, from the records the loop hands over (the loop never draws).
+
+    Steps are kept as at most ``POINTS_PER_EPOCH`` averaged points per epoch, so a long run stays small to hold and
+    quick to draw.
+    """
+
+    POINTS_PER_EPOCH = 200
+
+    def __init__(self):
+        self.steps = {"epoch": [], "loss": [], "aux_loss": [], "lr": []}
+        self._bucket = []
+        self._drawn_epoch = None
+
+    def on_step_end(self, run, epoch, batch_idx, record) -> None:
+        num_batches = max(len(run.train_loader), 1)
+        self._bucket.append((record["loss"], record["aux_loss"], record["lr"]))
+        bucket_size = -(-num_batches // self.POINTS_PER_EPOCH)
+        if len(self._bucket) == bucket_size or batch_idx == num_batches - 1:
+            losses, aux_losses, lrs = zip(*self._bucket)
+            self.steps["epoch"].append(epoch + (batch_idx + 1) / num_batches)
+            self.steps["loss"].append(sum(losses) / len(losses))
+            self.steps["aux_loss"].append(sum(aux_losses) / len(aux_losses))
+            self.steps["lr"].append(lrs[-1])
+            self._bucket = []
+
+    def on_epoch_end(self, run, state, eval_result) -> None:
+        self._draw(run, state, eval_result)
 
     def on_train_end(self, run, state, eval_result) -> None:
+        if self._drawn_epoch != state.history[-1]["epoch"]:  # a resumed run with no epoch left to train
+            self._draw(run, state, eval_result)
+
+    def _draw(self, run, state, eval_result) -> None:
         from gcvimoe.analysis import plot_expert_usage, plot_training_curves
+        from gcvimoe.analysis.style import capacity_applies
         output_dir = Path(run.output_dir)
-        plot_training_curves(state.history, output_dir / "curves.png")
-        if eval_result:
-            plot_expert_usage(eval_result["experts"], output_dir / "expert_usage.png",
-                              title=f"expert usage on the val set, epoch {state.history[-1]['epoch']}")
+        self._drawn_epoch = state.history[-1]["epoch"]
+        plot_training_curves(state.history, output_dir / "curves.png", steps=self.steps,
+                             train_loss_label=train_loss_label(run.cfg))
+        if eval_result and eval_result.get("experts"):
+            epoch = state.history[-1]["epoch"]
+            show_dropped = any(capacity_applies(layer) for _, layer in moe_layers(run.model))
+            plot_expert_usage(eval_result["experts"], output_dir / "expert_usage.png", show_dropped=show_dropped,
+                              title=f"expert usage on the val set after epoch {epoch} of {run.total_epochs}")
+
+
+def train_loss_label(cfg) -> str:
+    """What the training loss is, in the words a legend needs (see the trainer's loss choice)."""
+    if cfg.mixup > 0 or cfg.cutmix > 0:
+        return "train loss (soft-target CE, Mixup/CutMix)"
+    if cfg.smoothing > 0:
+        return f"train loss (label-smoothed CE, smoothing {cfg.smoothing:g})"
+    return "train loss (CE)"

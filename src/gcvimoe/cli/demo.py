@@ -1,8 +1,8 @@
 """``gcvimoe demo`` (``make demo``): train GCViMoE nano on the embedded digits, validate it, write a short report.
 
 Uses the built-in ``digits`` config (or ``--config NAME|FILE``); everything goes to ``--output`` (default
-``demo_output``): the training run in ``train/``, the report in ``report.md`` with the training curves and the
-expert-usage plot beside it.
+``demo_output``): the training run in ``train/``, the report in ``report.md`` with the training curves and the best
+checkpoint's expert usage (``expert_usage_best.png``) beside it.
 """
 import argparse
 import time
@@ -39,9 +39,10 @@ def run(args: argparse.Namespace) -> int:
     best = Path(cfg.output) / "best.pth"
     print(f"demo: validating {best}")
     metrics = validate_checkpoint(best, workers=0)
-    usage_png = output / "expert_usage.png"
+    usage_png = output / "expert_usage_best.png"  # train/expert_usage.png is the last epoch's, this the best's
     usage_png.unlink(missing_ok=True)
-    plot_expert_usage(metrics["experts"], usage_png, title="expert usage on the digits val set (best checkpoint)")
+    plot_expert_usage(metrics["experts"], usage_png,
+                      title=f"expert usage on the digits val set, best checkpoint (epoch {result.best_epoch})")
     report = output / "report.md"
     write_report(report, cfg, result, metrics, wall_seconds, args.config)
     print(f"demo: top-1 {metrics['top1']:.2f} % (top-5 {metrics['top5']:.2f} %) after {result.train_seconds:.0f} s "

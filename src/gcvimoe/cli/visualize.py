@@ -1,67 +1,102 @@
-"""`gcvimoe visualize`: expert usage over a dataset split and routing maps of a few images, for a checkpoint.
+"""`gcvimoe visualize`: where a checkpoint's experts send the patches of images: routing maps per image, the expert
+load per MoE layer, which classes each expert serves, and ``stats.json`` with the numbers behind every figure.
 
-    gcvimoe visualize --checkpoint runs/digits/best.pth --output runs/digits/viz
+    gcvimoe visualize --checkpoint runs/digits/best.pth --output runs/digits/viz     # val images across classes
+    gcvimoe visualize --checkpoint runs/tiny/best.pth --images cat.jpg photos/ 'shots/*.png' --output viz
+    gcvimoe visualize --checkpoint runs/tiny/best.pth --data-dir /data/imagenet --per-class 1 --output viz
 """
 import argparse
-import json
-from contextlib import nullcontext
-from pathlib import Path
+import sys
+from typing import List, Optional, Sequence, Tuple
 
 import torch
 
-from gcvimoe.analysis.experts import plot_expert_usage
-from gcvimoe.analysis.routing import plot_routing_maps
-from gcvimoe.cli._common import add_checkpoint, add_use_ema
-from gcvimoe.data import build_transform, create_dataset, create_loader
+from gcvimoe.analysis.routing import sample_across_classes
+from gcvimoe.analysis.visualize import visualize_routing
+from gcvimoe.cli._common import add_checkpoint, add_device, add_use_ema
+from gcvimoe.data import DataConfig, build_transform, create_dataset, find_images, load_image
 from gcvimoe.errors import GcvimoeError
-from gcvimoe.files import write_text
 from gcvimoe.models import model_from_checkpoint, read_checkpoint
 from gcvimoe.moe import moe_layers
-from gcvimoe.train.distributed import DistInfo
-from gcvimoe.train.evaluate import evaluate, trained_data_config
+from gcvimoe.train.distributed import resolve_device
+from gcvimoe.train.evaluate import _eval_data_config, trained_data_config
+
+Images = Tuple[torch.Tensor, List[str], Optional[List[int]]]
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
     add_checkpoint(parser)
-    parser.add_argument('--output', required=True, metavar='DIR', help='folder for the PNGs and usage.json')
-    parser.add_argument('--split', default='val', choices=('train', 'val'))
-    parser.add_argument('--num-images', type=int, default=6, metavar='N', help='images in the routing-map grid')
-    parser.add_argument('--batch-size', type=int, default=128, metavar='N')
+    parser.add_argument('--output', required=True, metavar='DIR', help='folder for the figures and stats.json')
+    source = parser.add_mutually_exclusive_group()
+    source.add_argument('--images', nargs='+', metavar='FILE',
+                        help='image files, folders or glob patterns (default: images of the dataset the checkpoint '
+                             'was trained on)')
+    source.add_argument('--data-dir', metavar='DIR',
+                        help='an image-folder dataset (train/ and val/ class folders) instead of the training data')
+    parser.add_argument('--split', default='val', choices=('train', 'val'), help='the dataset split to sample')
+    parser.add_argument('--per-class', type=int, default=2, metavar='N',
+                        help='dataset images sampled from every class (default: 2)')
+    parser.add_argument('--max-images', type=int, default=40, metavar='N',
+                        help='at most this many dataset images; beyond, classes evenly spaced (default: 40)')
+    parser.add_argument('--batch-size', type=int, default=32, metavar='N',
+                        help='images per forward pass; where capacity applies, it decides what is dropped')
+    add_device(parser)
     add_use_ema(parser)
 
 
 def run(args: argparse.Namespace) -> int:
-    if args.num_images < 1:
-        raise GcvimoeError(f"--num-images must be at least 1, got {args.num_images}")
+    for flag in ('per_class', 'max_images', 'batch_size'):
+        if getattr(args, flag) < 1:
+            raise GcvimoeError(f"--{flag.replace('_', '-')} must be at least 1, got {getattr(args, flag)}")
     checkpoint = read_checkpoint(args.checkpoint)
-    data_cfg = trained_data_config(checkpoint, "visualize")
     model = model_from_checkpoint(checkpoint, use_ema=args.use_ema)
-    layers = dict(moe_layers(model))
-    if not layers:
-        raise GcvimoeError(f"{args.checkpoint} holds a dense model (num_experts=0): there is no routing to plot")
-    output = Path(args.output)
-    output.mkdir(parents=True, exist_ok=True)
-
-    dataset = create_dataset(data_cfg, args.split, build_transform(data_cfg, is_training=False))
-    loader = create_loader(dataset, args.batch_size, is_training=False)
-    metrics = evaluate(model, loader, data_cfg.num_classes, DistInfo(device=torch.device('cpu')), nullcontext)
-    usage_png = plot_expert_usage(metrics['experts'], output / 'expert_usage.png',
-                                  title=f"expert usage on {data_cfg.dataset} {args.split} ({metrics['num_images']} "
-                                        f"images, top-1 {metrics['top1']:.1f}%)")
-
-    count = min(args.num_images, len(dataset))
-    batch = torch.stack([dataset[i][0] for i in range(count)])
-    labels = [int(dataset[i][1]) for i in range(count)]
-    with torch.no_grad():
-        predictions = model(batch).argmax(-1).tolist()
-    maps = model.routing_maps()
-    mean = torch.tensor(data_cfg.mean).view(1, -1, 1, 1)
-    std = torch.tensor(data_cfg.std).view(1, -1, 1, 1)
-    names = data_cfg.class_names
-    titles = [f"{names[y]} (pred {names[p]})" for y, p in zip(labels, predictions)]
-    num_experts = next(iter(layers.values())).num_experts
-    maps_png = plot_routing_maps(batch * std + mean, maps, num_experts, output / 'routing_maps.png', titles=titles)
-
-    write_text(output / 'usage.json', json.dumps({'top1': metrics['top1'], 'experts': metrics['experts']}, indent=1))
-    print(f"expert usage: {usage_png}\nrouting maps: {maps_png}\nnumbers:      {output / 'usage.json'}")
+    if not any(True for _ in moe_layers(model)):
+        raise GcvimoeError(f"{args.checkpoint} holds a dense model (no MoE layers): there is nothing to map; "
+                           f"visualize a model trained with experts (--num-experts N)")
+    trained = trained_data_config(checkpoint, "visualize")
+    model = model.to(resolve_device(args.device))
+    if args.images:
+        images, names, labels = _read_files(args.images, trained)
+    else:
+        images, names, labels = _sample_dataset(args, trained)
+    mean = torch.tensor(trained.mean).view(1, -1, 1, 1)
+    std = torch.tensor(trained.std).view(1, -1, 1, 1)
+    stats = visualize_routing(model, images, images * std + mean, names, trained.class_names, args.output,
+                              labels=labels, batch_size=args.batch_size)
+    print(f"routing maps:   {args.output}/routing_maps/ ({len(names)} images x {len(stats['layers'])} MoE layers)")
+    print(f"expert load:    {args.output}/expert_load.png")
+    if "class_expert" in stats["figures"]:
+        print(f"class x expert: {args.output}/class_expert.png")
+    else:
+        print("class x expert: not drawn (the images have no labels)")
+    print(f"numbers:        {args.output}/stats.json")
     return 0
+
+
+def _read_files(patterns: Sequence[str], data_cfg: DataConfig) -> Images:
+    """The readable images among ``patterns``, preprocessed; each unreadable file is named and skipped."""
+    paths = find_images(patterns)
+    transform = build_transform(data_cfg, is_training=False)
+    mode = "L" if data_cfg.in_chans == 1 else "RGB"
+    images, names = [], []
+    for path in paths:
+        try:
+            images.append(transform(load_image(path, mode)))
+        except GcvimoeError as e:
+            print(f"skipped: {e}", file=sys.stderr)
+            continue
+        names.append(str(path))
+    if not images:
+        raise GcvimoeError(f"none of the {len(paths)} image files could be read; pass readable image files")
+    return torch.stack(images), names, None
+
+
+def _sample_dataset(args: argparse.Namespace, trained: DataConfig) -> Images:
+    """Images sampled across the classes of ``--data-dir``, or else of the data the checkpoint was trained on."""
+    data_cfg = _eval_data_config(trained, None, args.data_dir) if args.data_dir else trained
+    dataset = create_dataset(data_cfg, args.split, build_transform(data_cfg, is_training=False),
+                             class_names=trained.class_names)
+    indices = sample_across_classes(dataset.targets, args.per_class, args.max_images)
+    samples = [dataset[i] for i in indices]
+    names = [f"{args.split} image {i}" for i in indices]
+    return torch.stack([image for image, _ in samples]), names, [int(label) for _, label in samples]

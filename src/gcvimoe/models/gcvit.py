@@ -666,8 +666,9 @@ class GlobalContextVit(nn.Module):
         return collect_moe_report(self)
 
     @torch.no_grad()
-    def routing_maps(self) -> Dict[str, torch.Tensor]:
-        """Each MoE layer's top-1 expert per token in the last forward, as a ``[b, H, W]`` map of the stage's grid."""
+    def routing_maps(self, unrouted: bool = False) -> Dict[str, torch.Tensor]:
+        """Each MoE layer's top-1 expert per token in the last forward, as a ``[b, H, W]`` map of the stage's grid;
+        with ``unrouted``, whether no expert computed each token instead (dropped for capacity, or chosen by none)."""
         maps = {}
         for stage_index, stage in enumerate(self.stages):
             layout = stage.last_layout
@@ -675,12 +676,13 @@ class GlobalContextVit(nn.Module):
                 stats = getattr(block.mlp, 'stats', None)
                 if not block.is_moe or stats is None or layout is None:
                     continue
-                top1 = stats.top1_expert
+                top1 = stats.unrouted.long() if unrouted else stats.top1_expert
                 if layout.valid_index is not None:  # padded windows: padding positions get -1
                     full = top1.new_full((top1.shape[0], layout.num_windows * layout.tokens_per_window), -1)
                     full[:, layout.valid_index] = top1
                     top1 = full
-                maps[f'stages.{stage_index}.blocks.{block_index}.mlp'] = layout.reverse(top1.unsqueeze(-1))[:, 0]
+                token_map = layout.reverse(top1.unsqueeze(-1))[:, 0]
+                maps[f'stages.{stage_index}.blocks.{block_index}.mlp'] = token_map.bool() if unrouted else token_map
         return maps
 
     def _check_input(self, x: torch.Tensor) -> None:

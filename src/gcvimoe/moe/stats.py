@@ -26,6 +26,8 @@ class RoutingStats:
             ``dropped_fraction`` for top-1 routing; for expert choice, the tokens no expert picked.
         router_entropy: Mean entropy in nats of the tokens' routing distributions (0-dim); ``log(e)`` is uniform.
         top1_expert: Most probable expert of every token, shaped as the input without its last dimension.
+        unrouted: Whether no expert computed each token (capacity dropped it, or no expert chose it), shaped as
+            ``top1_expert``.
     """
     tokens_per_expert: Tensor
     kept_tokens_per_expert: Tensor
@@ -33,6 +35,7 @@ class RoutingStats:
     unrouted_fraction: Tensor
     router_entropy: Tensor
     top1_expert: Tensor
+    unrouted: Tensor
 
     def summary(self) -> Dict[str, float]:
         """Scalar statistics as floats for logging, with ``load_cv``: the coefficient of variation of the kept load."""
@@ -67,6 +70,7 @@ def routing_stats(routing: Routing, plan: DispatchPlan, input_shape: torch.Size)
         unrouted_fraction=(rows_per_token == 0).sum() / max(num_tokens, 1),  # 0, not NaN, for an empty batch
         router_entropy=torch.special.entr(routing.probs).sum() / max(num_tokens, 1),
         top1_expert=routing.top1_expert.reshape(input_shape),
+        unrouted=(rows_per_token == 0).reshape(input_shape),
     )
 
 
