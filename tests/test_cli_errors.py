@@ -64,8 +64,12 @@ def test_corrupt_image(tmp_path, capsys):
     make_folder(tmp_path, train=("a", "b"), val=("a",))
     (tmp_path / "train" / "b" / "0.png").write_bytes(b"\x89PNG broken")
     code, err = run_cli(capsys, "train", "--data-dir", str(tmp_path), "--output", str(tmp_path / "out"),
-                        "--model-kwargs", "{embed_dim: 16}", "--batch-size", "2", "--img-size", "32")
+                        "--model-kwargs", "{embed_dim: 16}", "--batch-size", "2", "--img-size", "32", "--strict-data")
     assert_one_error_line(code, err, "cannot read image", "0.png", "replace or delete the file")
+    # skipped by default, and one of two images is too many
+    code, err = run_cli(capsys, "train", "--data-dir", str(tmp_path), "--output", str(tmp_path / "out2"),
+                        "--model-kwargs", "{embed_dim: 16}", "--batch-size", "2", "--img-size", "32")
+    assert_one_error_line(code, err, "1 of 2 train images (50.0 %) are unreadable, more than --max-bad-fraction 0.01")
 
 
 def test_unknown_config_key_suggests_nearest(tmp_path, capsys):

@@ -32,25 +32,78 @@ def atomic_path(path: PathLike) -> Iterator[Path]:
             torch.save(state, tmp)
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = temporary_path(path)
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        _remove(tmp)  # a leftover of a killed write
         yield tmp
         os.replace(tmp, path)
-    except OSError as e:
-        tmp.unlink(missing_ok=True)
+    except BaseException as e:
+        _write_failed(e, path, tmp)
+
+
+def _write_failed(e: BaseException, path: Path, tmp: Path) -> None:
+    """Remove the temporary file or folder of a failed write, then raise: one line for a full disk, a read-only place
+    or a file in the way, any other error as it is.
+
+    Some writers wrap the OS error in their own (torch.save's RuntimeError, safetensors' SafetensorError): then the
+    folder tells what went wrong, its free space read before the partial file is removed.
+    """
+    wrapped = isinstance(e, Exception) and not isinstance(e, (OSError, GcvimoeError))
+    full = wrapped and _free_bytes(path.parent) < FULL_DISK_BYTES
+    _remove(tmp)
+    if isinstance(e, OSError):
         _raise_write_error(e, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+    if full:
+        _raise_write_error(OSError(errno.ENOSPC, os.strerror(errno.ENOSPC)), path)
+    if wrapped and path.parent.is_dir() and not os.access(path.parent, os.W_OK):
+        _raise_write_error(OSError(_not_writable_errno(path.parent), "not writable"), path)
+    raise e
+
+
+def _not_writable_errno(folder: Path) -> int:
+    try:
+        read_only = bool(os.statvfs(folder).f_flag & os.ST_RDONLY)
+    except OSError:
+        read_only = False
+    return errno.EROFS if read_only else errno.EACCES
+
+
+FULL_DISK_BYTES = 1 << 20
+"""A write that fails with less free space than this is taken as failed for lack of space."""
+
+
+def _free_bytes(folder: Path) -> int:
+    try:
+        return shutil.disk_usage(folder).free
+    except OSError:
+        return FULL_DISK_BYTES
+
+
+def _remove(tmp: Path) -> None:
+    """Remove a temporary file or folder; one that cannot be removed (a file system gone read-only) is left."""
+    try:
+        if tmp.is_dir() and not tmp.is_symlink():
+            shutil.rmtree(tmp)
+        else:
+            tmp.unlink(missing_ok=True)
+    except OSError:
+        pass
 
 
 def _raise_write_error(e: OSError, path: Path) -> None:
-    """A full disk or a read-only place as one line; any other OSError as it is."""
+    """A full disk, a read-only place or a file where a folder should be as one line; any other OSError as it is."""
     if e.errno in (errno.ENOSPC, errno.EDQUOT):
         raise GcvimoeError(f"no space left to write {path}; free disk space or choose another --output") from None
     if e.errno in (errno.EROFS, errno.EACCES, errno.EPERM):
         raise GcvimoeError(f"cannot write {path} ({os.strerror(e.errno)}); choose a writable --output") from None
+    if e.errno in (errno.EEXIST, errno.ENOTDIR):
+        blocker = next((p for p in path.parents if p.exists() and not p.is_dir()), path.parent)
+        raise GcvimoeError(f"cannot write {path}: {blocker} is a file, not a folder; choose another --output") \
+            from None
+    if e.errno == errno.EISDIR:
+        raise GcvimoeError(f"cannot write {path}: a folder of that name is in the way; choose another --output") \
+            from None
     raise e
 
 
@@ -82,9 +135,5 @@ def atomic_dir(path: PathLike) -> Iterator[Path]:
             os.replace(path, old)
         os.replace(tmp, path)
         shutil.rmtree(old, ignore_errors=True)
-    except OSError as e:
-        shutil.rmtree(tmp, ignore_errors=True)
-        _raise_write_error(e, path)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+    except BaseException as e:
+        _write_failed(e, path, tmp)

@@ -32,10 +32,7 @@ def run(args: argparse.Namespace) -> int:
     kwargs = {k: v for k, v in dict(img_size=args.img_size, in_chans=args.in_chans,
                                     num_classes=args.num_classes).items() if v is not None}
     kwargs.update(moe_options(args))
-    input_size = None
-    if args.img_size is not None:
-        input_size = [args.in_chans or 3, args.img_size, args.img_size]
-    info = model_info(name, input_size=input_size, **kwargs)
+    info = model_info(name, **kwargs)  # the model's input size follows img_size and in_chans
     if args.json:
         print(json.dumps(asdict(info)))
         return 0

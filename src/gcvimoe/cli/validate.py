@@ -81,7 +81,15 @@ def _source(args: argparse.Namespace):
     return args.checkpoint, args.model
 
 
+def check_args(args: argparse.Namespace) -> None:
+    if args.batch_size is not None and args.batch_size < 1:
+        raise GcvimoeError(f"--batch-size must be at least 1, got {args.batch_size}")
+    if args.workers is not None and args.workers < 0:
+        raise GcvimoeError(f"--workers must not be negative, got {args.workers}")
+
+
 def run(args: argparse.Namespace) -> int:
+    check_args(args)
     if args.results_file and not args.results_file.endswith((".json", ".csv")):
         raise GcvimoeError(f"--results-file {args.results_file} must end in .json or .csv")
     source, model_name = _source(args)

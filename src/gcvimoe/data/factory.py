@@ -116,6 +116,8 @@ def create_dataset(
         split: str,
         transform=None,
         class_names: Optional[Sequence[str]] = None,
+        skip_unreadable: bool = False,
+        max_unreadable_fraction: Optional[float] = None,
 ) -> Dataset:
     """The 'train' or 'val' split of ``data_cfg.dataset``.
 
@@ -124,6 +126,10 @@ def create_dataset(
         split: 'train' or 'val'.
         transform: Applied to each PIL image.
         class_names: Label order for a folder (default: ``data_cfg.class_names``, the training classes).
+        skip_unreadable: A folder's unreadable images are recorded and skipped instead of raising (see
+            :class:`~gcvimoe.data.folder.ImageFolder`); the built-in datasets have none.
+        max_unreadable_fraction: With ``skip_unreadable``, raise once more than this share of a folder's images is
+            unreadable.
     """
     if data_cfg.dataset == "digits":
         return DigitsDataset(split, transform=transform)
@@ -131,7 +137,8 @@ def create_dataset(
         return FashionMNIST(data_cfg.data_dir, split, transform=transform)
     mode = "L" if data_cfg.in_chans == 1 else "RGB"
     classes = class_names if class_names is not None else data_cfg.class_names
-    return ImageFolder(data_cfg.data_dir, split, classes=classes, mode=mode, transform=transform)
+    return ImageFolder(data_cfg.data_dir, split, classes=classes, mode=mode, transform=transform,
+                       skip_unreadable=skip_unreadable, max_unreadable_fraction=max_unreadable_fraction)
 
 
 def create_loader(

@@ -43,6 +43,9 @@ def fashion_mnist_dir(data_dir: str = "") -> Path:
     """Where the Fashion-MNIST files are: ``data_dir`` when given, else ``$GCVIMOE_FASHION_MNIST_DIR``, else the Debian
     package's folder; a one-line error saying how to get them when that folder does not exist."""
     root = Path(data_dir or os.environ.get(FASHION_MNIST_ENV) or FASHION_MNIST_DIR)
+    if root.exists() and not root.is_dir():
+        raise GcvimoeError(f"Fashion-MNIST folder {root} is a file, not a folder; pass --data-dir DIR with the four "
+                           "IDX files")
     if not root.is_dir():
         raise GcvimoeError(
             f"Fashion-MNIST folder {root} not found; pass --data-dir DIR with the four IDX files, set "

@@ -14,6 +14,7 @@ holds tensors and a string header; ``.pth`` files are read with ``torch.load(wei
 import json
 import os
 import re
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, Optional, Union
@@ -69,12 +70,12 @@ def read_checkpoint(path: PathLike) -> Checkpoint:
     if path.suffix == '.safetensors':
         return _read_safetensors(path)
     try:
-        obj = torch.load(str(path), map_location='cpu', weights_only=True)
+        with warnings.catch_warnings():  # torch's warnings about a foreign pickle would only precede the one line
+            warnings.simplefilter('ignore')
+            obj = torch.load(str(path), map_location='cpu', weights_only=True)
     except Exception as e:  # torch raises many types for a damaged or foreign file
-        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        if 'weights_only' in reason or 'Unpickler' in reason:
-            reason = 'it holds objects other than tensors and plain data'
-        raise GcvimoeError(f"cannot read checkpoint {str(path)!r} ({reason[:160]}); pass a file written by gcvimoe "
+        reason = _load_failure(e)
+        raise GcvimoeError(f"cannot read checkpoint {str(path)!r} ({reason}); pass a file written by gcvimoe "
                            f"or a plain state dict") from None
     if not isinstance(obj, dict):
         raise GcvimoeError(f"checkpoint {str(path)!r} holds a {type(obj).__name__}, not a state dict")
@@ -86,6 +87,18 @@ def read_checkpoint(path: PathLike) -> Checkpoint:
             obj = obj[key]
             break
     return Checkpoint(path, _strip_prefixes(obj))
+
+
+def _load_failure(e: Exception) -> str:
+    """Why ``torch.load`` failed, in a few words. Its advice to load with ``weights_only=False`` (which runs code from
+    the file) is never passed on."""
+    text = re.sub(r'\x1b\[[0-9;]*m', '', str(e)).strip()
+    foreign = re.search(r'Unsupported global: GLOBAL (\S+)', text)
+    if foreign:
+        return f'it holds objects other than tensors and plain data ({foreign.group(1)})'
+    if re.search(r'weights.only|unpickl', text, re.IGNORECASE) or len(text.split()) < 3:  # or a bare key or byte
+        return 'not a PyTorch checkpoint, or a damaged one'
+    return text.splitlines()[0].split('. ')[0][:160] if text else type(e).__name__  # torch adds advice after
 
 
 def _read_safetensors(path: Path) -> Checkpoint:

@@ -59,6 +59,10 @@ class TrainConfig:
     img_size: int = _key(32, "input image size in pixels")
     in_chans: Optional[int] = _key(None, "input channels, 1 = grayscale, 3 = RGB (null = the dataset's own)")
     workers: int = _key(0, "data loading processes per training process (0 = load in the main process)")
+    check_data: bool = _key(False, "decode every image of a folder before training and list the unreadable ones")
+    strict_data: bool = _key(False, "stop at the first unreadable image (default: skip it, count it in the epoch "
+                                    "line and list it in bad_files.txt)")
+    max_bad_fraction: float = _key(0.01, "stop when more than this share of a split's images is unreadable")
     # augmentation (timm transforms, Mixup/CutMix)
     scale: List[float] = _key([0.6, 1.0], "random-resized-crop area range")
     ratio: List[float] = _key([0.8, 1.25], "random-resized-crop aspect-ratio range")
@@ -333,8 +337,20 @@ def parse_cli_value(name: str, text: str) -> Any:
         raise GcvimoeError(f"{option} must be {_type_name(tp)}, got {text!r}") from None
 
 
+def _check_numbers(cfg: TrainConfig) -> None:
+    """Every number of the config, list items included, is finite (``nan`` and ``inf`` pass a type check), and
+    ``max_bad_fraction`` is a fraction."""
+    for name, value in cfg.to_dict().items():
+        for item in value if isinstance(value, list) else [value]:
+            if isinstance(item, float) and not math.isfinite(item):
+                raise GcvimoeError(f"config key '{name}' must be a finite number, got {item}")
+    if not 0.0 <= cfg.max_bad_fraction <= 1.0:
+        raise GcvimoeError(f"config key 'max_bad_fraction' must be in [0, 1], got {cfg.max_bad_fraction}")
+
+
 def check_values(cfg: TrainConfig) -> None:
     """Range checks that a type alone cannot express."""
+    _check_numbers(cfg)
     positive = ("epochs", "batch_size", "grad_accum_steps", "img_size")
     for name in positive:
         if getattr(cfg, name) < 1:

@@ -59,6 +59,8 @@ from gcvimoe.files import atomic_path
 from gcvimoe.models import build_model
 from gcvimoe.moe import collect_aux_loss, collect_moe_report
 from gcvimoe.moe.parallel import is_expert_parallel
+from gcvimoe.train.checks import (
+    check_output_folder, checkpoint_bytes, collect_unreadable, listing_unreadable_on_error, prepare_data)
 from gcvimoe.train.config import TrainConfig, save_config, scaled_lr
 from gcvimoe.train.distributed import (
     DistInfo, all_gather_objects, all_reduce_sum, average_expert_grads, check_expert_parallel_optimizer, cleanup,
@@ -367,8 +369,13 @@ def _build_data(cfg: TrainConfig, info: DistInfo):
         interpolation=cfg.interpolation, crop_pct=cfg.crop_pct)
     aug = dict(scale=tuple(cfg.scale), ratio=tuple(cfg.ratio), hflip=cfg.hflip, color_jitter=cfg.color_jitter,
                auto_augment=cfg.auto_augment, re_prob=cfg.reprob)
-    train_set = create_dataset(data_cfg, "train", build_transform(data_cfg, is_training=True, **aug))
-    eval_set = create_dataset(data_cfg, "val", build_transform(data_cfg, is_training=False))
+    # unreadable images are skipped, and too many stop the run at the epoch's end (see gcvimoe.train.checks); one
+    # process also stops as soon as its own count is too many, several processes must decide together
+    train_set = create_dataset(data_cfg, "train", build_transform(data_cfg, is_training=True, **aug),
+                               skip_unreadable=not cfg.strict_data,
+                               max_unreadable_fraction=cfg.max_bad_fraction if info.world_size == 1 else None)
+    eval_set = create_dataset(data_cfg, "val", build_transform(data_cfg, is_training=False),
+                              skip_unreadable=not cfg.strict_data)
     pin_memory = info.device.type == "cuda"
     train_loader = create_loader(train_set, cfg.batch_size, True, cfg.workers, info.rank, info.world_size, cfg.seed,
                                  pin_memory)
@@ -465,6 +472,9 @@ def _log_header(run: Run, state: TrainState) -> None:
 
 def _train(run: Run, state: TrainState, resumed: bool, callbacks: Sequence[Callback]) -> TrainResult:
     _wrap(run)
+    expert_copies = run.info.world_size if run.expert_parallel else 1
+    check_output_folder(run.output_dir, checkpoint_bytes(run.model, run.ema is not None, expert_copies)
+                        * (1 if resumed else 2), run.info)  # room for the new file beside the old (last and best)
     if run.info.is_primary:
         run.output_dir.mkdir(parents=True, exist_ok=True)
         save_config(run.cfg, run.output_dir / "config.yaml")
@@ -472,6 +482,7 @@ def _train(run: Run, state: TrainState, resumed: bool, callbacks: Sequence[Callb
     with _log_to(run.output_dir, run.info, append=resumed), \
             scalar_log(run.output_dir, run.info, run.cfg.tensorboard, wandb_config) as writer:
         _log_header(run, state)
+        prepare_data(run, resumed)
         eval_result: Dict[str, Any] = {}
         for epoch in range(state.epoch, run.total_epochs):
             eval_result = _train_epoch(run, state, epoch, writer)
@@ -505,11 +516,13 @@ def _train_epoch(run: Run, state: TrainState, epoch: int, writer) -> Dict[str, A
     """Train, evaluate, checkpoint and log one epoch; returns its evaluation."""
     set_epoch(run.train_loader, epoch, run.cfg.seed, run.info.rank)
     epoch_start = time.perf_counter()
-    train_stats = train_one_epoch(run, epoch, state.num_updates, writer)
+    with listing_unreadable_on_error(run):
+        train_stats = train_one_epoch(run, epoch, state.num_updates, writer)
     state.num_updates = train_stats.pop("num_updates")
     if run.scheduler is not None:
         run.scheduler.step(epoch + 1)
     row, eval_result = _evaluate_row(run, epoch, train_stats)
+    unreadable = collect_unreadable(run)
     state.history.append(row)
     state.epoch = epoch + 1
     state.train_seconds += time.perf_counter() - epoch_start
@@ -519,7 +532,7 @@ def _train_epoch(run: Run, state: TrainState, epoch: int, writer) -> Dict[str, A
     _checkpoint(run, state, is_best)
     writer.add("epoch", epoch + 1, {**{key: value for key, value in row.items() if key != "epoch"},
                                     **expert_load_scalars(eval_result["experts"], "eval_experts")})
-    _log_epoch(row, run.total_epochs, time.perf_counter() - epoch_start)
+    _log_epoch(row, run.total_epochs, time.perf_counter() - epoch_start, unreadable)
     return eval_result
 
 
@@ -553,8 +566,10 @@ def _save_epoch(state: Dict[str, Any], output_dir: Path, is_best: bool, checkpoi
     _write_summary(state["history"], output_dir / "summary.csv")
 
 
-def _log_epoch(row: Dict[str, float], total_epochs: int, seconds: float) -> None:
+def _log_epoch(row: Dict[str, float], total_epochs: int, seconds: float, unreadable: int = 0) -> None:
     ema_text = f" | ema top-1 {row['ema_eval_top1']:6.2f}" if "ema_eval_top1" in row else ""
+    if unreadable:
+        ema_text += f" | {unreadable} unreadable image{'s' * (unreadable != 1)} skipped"
     _logger.info(
         "epoch %3d/%d | train loss %.4f aux %.4f | eval loss %.4f top-1 %6.2f top-5 %6.2f%s | lr %.2e | "
         "dropped %.2f%% | %.0f img/s | %.1fs", row["epoch"], total_epochs, row["train_loss"], row["train_aux_loss"],
