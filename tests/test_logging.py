@@ -184,6 +184,8 @@ def test_log_wandb_offline(data_dir, tmp_path, monkeypatch):
     if importlib.util.find_spec("wandb") is None:
         assert "log_wandb: wandb is not installed" in stdout
         return
+    import wandb
+    wandb.teardown()  # the wandb service writes the run file behind run.finish(); its shutdown waits for the file
     runs = list((output / "wandb").glob("offline-run-*/run-*.wandb"))
     assert len(runs) == 1
     # the offline run file holds each logged key and its value as JSON text
