@@ -4,12 +4,14 @@ Every artefact (checkpoints, exports, summaries, configs, plots) is written next
 name and moved into place with ``os.replace``, which is atomic on POSIX file systems: a reader sees the old file or
 the new one, never a mix. A failed write removes its temporary file and raises one clear error.
 """
+import csv
 import errno
+import json
 import os
 import shutil
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator, Union
+from typing import Any, Dict, Iterator, List, Union
 
 from gcvimoe.errors import GcvimoeError
 
@@ -137,3 +139,19 @@ def atomic_dir(path: PathLike) -> Iterator[Path]:
         shutil.rmtree(old, ignore_errors=True)
     except BaseException as e:
         _write_failed(e, path, tmp)
+
+
+def write_records(path: PathLike, records: List[Dict[str, Any]]) -> Path:
+    """Write result rows atomically as ``.json`` (a list of objects) or ``.csv`` (a header of every key, in order of
+    first appearance); any other suffix is a one-line error."""
+    path = Path(path)
+    if path.suffix not in (".json", ".csv"):
+        raise GcvimoeError(f"--results-file {path} must end in .json or .csv")
+    if path.suffix == ".json":
+        return write_text(path, json.dumps(records, indent=1) + "\n")
+    columns = list(dict.fromkeys(key for record in records for key in record))
+    with atomic_path(path) as tmp, open(tmp, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=columns)
+        writer.writeheader()
+        writer.writerows(records)
+    return path

@@ -27,7 +27,7 @@ def run(args: argparse.Namespace) -> int:
     if args.epochs is not None and args.epochs < 1:
         raise GcvimoeError(f"--epochs must be at least 1, got {args.epochs}")
     output = Path(args.output)
-    overrides = {"output": str(output / "train")}
+    overrides = {"output": str(output / "train"), "overwrite": True}  # the demo folder is rewritten on every run
     if args.epochs:
         overrides["epochs"] = args.epochs
     cfg = build_config(args.config, overrides)

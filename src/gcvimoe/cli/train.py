@@ -10,13 +10,13 @@ Examples::
     torchrun --nproc_per_node 2 -m gcvimoe train -c digits
 """
 import argparse
-import dataclasses
+import sys
 
 from gcvimoe.cli._common import PlotCallback, add_moe_options, metavar, moe_options
-from gcvimoe.errors import nearest
+from gcvimoe.errors import GcvimoeError, nearest
 from gcvimoe.moe import config as moe_config
 from gcvimoe.train.config import (
-    FIELD_TYPES, FIELDS, build_config, builtin_configs, config_yaml, parse_cli_value)
+    FIELD_TYPES, FIELDS, TrainConfig, build_config, builtin_configs, config_origins, config_yaml, parse_cli_value)
 from gcvimoe.train.state import find_resume_checkpoint, load_training_checkpoint
 
 _GROUPS = (
@@ -25,7 +25,21 @@ _GROUPS = (
 )
 
 
+def _help_defaults() -> dict:
+    """The values ``--help`` shows: those of the ``-c`` config on the command line (``gcvimoe train -c digits -h``),
+    else the defaults."""
+    argv = sys.argv[1:]
+    for flag in ("-c", "--config"):
+        if flag in argv[:-1]:
+            try:
+                return build_config(argv[argv.index(flag) + 1]).to_dict()
+            except GcvimoeError:
+                break
+    return TrainConfig().to_dict()
+
+
 def configure(parser: argparse.ArgumentParser) -> None:
+    defaults = _help_defaults() if {"-h", "--help"} & set(sys.argv[1:]) else TrainConfig().to_dict()
     parser.add_argument("-c", "--config", metavar="NAME|FILE",
                         help=f"a built-in config ({', '.join(sorted(builtin_configs()))}) or a YAML file")
     parser.add_argument("--resume", metavar="PATH",
@@ -40,9 +54,10 @@ def configure(parser: argparse.ArgumentParser) -> None:
         if name == "moe":
             continue
         is_bool = FIELD_TYPES[name] is bool
-        default = f.default_factory() if f.default is dataclasses.MISSING else f.default
+        default = defaults[name]
+        aliases = ["--pretrained-path"] if name == "initial_checkpoint" else []  # timm train.py's other name
         group.add_argument(
-            f"--{name.replace('_', '-')}", dest=name, default=argparse.SUPPRESS, metavar=metavar(FIELD_TYPES[name]),
+            f"--{name.replace('_', '-')}", *aliases, dest=name, default=argparse.SUPPRESS, metavar=metavar(FIELD_TYPES[name]),
             nargs="?" if is_bool else None, const="true" if is_bool else None,
             help=f"{f.metadata['help']} (default: {default!r})")
         if is_bool and default is True:
@@ -71,26 +86,27 @@ def _suggest_unknown_options(parser: argparse.ArgumentParser) -> None:
 
 
 def config_from_args(args: argparse.Namespace):
-    """The effective config and the checkpoint to resume from (or None)."""
+    """The effective config, the checkpoint to resume from (or None), and where each non-default value came from."""
     overrides = {name: parse_cli_value(name, getattr(args, name)) for name in FIELDS if hasattr(args, name)}
     overrides.update(moe_options(args))
     cfg = build_config(args.config, overrides)
-    checkpoint = None
+    checkpoint, base = None, None
     if args.resume:
         path = find_resume_checkpoint(args.resume, cfg.output)
         if path is not None:
             checkpoint = load_training_checkpoint(path)
-            cfg = build_config(args.config, overrides, base=checkpoint.get("config"))
-    return cfg, checkpoint
+            base = checkpoint.get("config")
+            cfg = build_config(args.config, overrides, base=base)
+    return cfg, checkpoint, config_origins(args.config, overrides, base=base)
 
 
 def run(args: argparse.Namespace) -> int:
-    cfg, checkpoint = config_from_args(args)
+    cfg, checkpoint, origins = config_from_args(args)
     if args.print_config:
         print(config_yaml(cfg), end="")
         return 0
     from gcvimoe.train import train
     if args.resume == "auto" and checkpoint is None:
         print(f"resume auto: no last.pth in {cfg.output}, starting a new run")
-    train(cfg, resume=checkpoint, callbacks=[PlotCallback()])
+    train(cfg, resume=checkpoint, callbacks=[PlotCallback()], origins=origins)
     return 0

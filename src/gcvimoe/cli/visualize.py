@@ -19,7 +19,7 @@ from gcvimoe.errors import GcvimoeError
 from gcvimoe.models import model_from_checkpoint, read_checkpoint
 from gcvimoe.moe import moe_layers
 from gcvimoe.train.distributed import resolve_device
-from gcvimoe.train.evaluate import _eval_data_config, trained_data_config
+from gcvimoe.train.evaluate import eval_data_config, trained_data_config
 
 Images = Tuple[torch.Tensor, List[str], Optional[List[int]]]
 
@@ -93,7 +93,7 @@ def _read_files(patterns: Sequence[str], data_cfg: DataConfig) -> Images:
 
 def _sample_dataset(args: argparse.Namespace, trained: DataConfig) -> Images:
     """Images sampled across the classes of ``--data-dir``, or else of the data the checkpoint was trained on."""
-    data_cfg = _eval_data_config(trained, None, args.data_dir) if args.data_dir else trained
+    data_cfg = eval_data_config(trained, None, args.data_dir) if args.data_dir else trained
     dataset = create_dataset(data_cfg, args.split, build_transform(data_cfg, is_training=False),
                              class_names=trained.class_names)
     indices = sample_across_classes(dataset.targets, args.per_class, args.max_images)

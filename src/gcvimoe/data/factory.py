@@ -3,9 +3,12 @@
 The data config (dataset, image size, channels, mean/std, class names) travels in every checkpoint, so evaluation and
 prediction rebuild exactly the preprocessing the model was trained with.
 """
+import itertools
+import random
 from dataclasses import asdict, dataclass
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
+import numpy as np
 import torch
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, create_transform
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
@@ -141,6 +144,53 @@ def create_dataset(
                        skip_unreadable=skip_unreadable, max_unreadable_fraction=max_unreadable_fraction)
 
 
+class SeededSamples(Dataset):
+    """Each training sample augmented from its own random seed, a function of (seed, epoch, index) alone.
+
+    So an image gets the same crop and flip whichever process or worker loads it and whatever was loaded before it:
+    a run resumed in the middle of an epoch (see :func:`set_epoch`'s ``start_batch``) sees the same images as an
+    uninterrupted one, also with worker processes. The caller's random streams are restored after each sample.
+    """
+
+    def __init__(self, dataset: Dataset, seed: int):
+        self.dataset, self.seed, self.epoch = dataset, seed, 0
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getattr__(self, name):  # the wrapped dataset's attributes (classes, targets, bad-file records, ...)
+        if name == "dataset":
+            raise AttributeError(name)
+        return getattr(self.dataset, name)
+
+    def __getitem__(self, index: int):
+        sample_seed = (self.seed * 1_000_003 + self.epoch * 1_000_033 + index) % (2 ** 63)
+        saved = random.getstate(), np.random.get_state(), torch.get_rng_state()
+        random.seed(sample_seed)
+        np.random.seed(sample_seed % (2 ** 32))
+        torch.default_generator.manual_seed(sample_seed)  # the CPU generator only: CUDA streams stay untouched
+        try:
+            return self.dataset[index]
+        finally:
+            random.setstate(saved[0])
+            np.random.set_state(saved[1])
+            torch.set_rng_state(saved[2])
+
+
+class ResumableSampler(DistributedSampler):
+    """A ``DistributedSampler`` that can start an epoch at a given batch, without loading the skipped images."""
+
+    def __init__(self, dataset: Dataset, num_replicas: int, rank: int, seed: int, batch_size: int):
+        super().__init__(dataset, num_replicas=num_replicas, rank=rank, shuffle=True, seed=seed)
+        self.batch_size, self.start_batch = batch_size, 0
+
+    def __iter__(self):
+        return itertools.islice(super().__iter__(), self.start_batch * self.batch_size, None)
+
+    def __len__(self) -> int:
+        return max(super().__len__() - self.start_batch * self.batch_size, 0)
+
+
 def create_loader(
         dataset: Dataset,
         batch_size: int,
@@ -153,13 +203,15 @@ def create_loader(
 ) -> DataLoader:
     """A loader whose order and augmentation depend only on (seed, epoch): call :func:`set_epoch` each epoch.
 
-    Training shards the shuffled data over ``world_size`` processes (a ``DistributedSampler``, also for one process)
-    and drops the last partial batch. Evaluation gives each process every ``world_size``-th image, in order and without
-    padding, so summed metrics count every image exactly once.
+    Training shards the shuffled data over ``world_size`` processes (a ``DistributedSampler``, also for one process),
+    augments every sample from its own seed (:class:`SeededSamples`) and drops the last partial batch. Evaluation gives
+    each process every ``world_size``-th image, in order and without padding, so summed metrics count every image
+    exactly once.
     """
     generator = torch.Generator()
     if is_training:
-        sampler = DistributedSampler(dataset, num_replicas=world_size, rank=rank, shuffle=True, seed=seed)
+        dataset = SeededSamples(dataset, seed)
+        sampler = ResumableSampler(dataset, num_replicas=world_size, rank=rank, seed=seed, batch_size=batch_size)
     else:
         sampler = list(range(rank, len(dataset), world_size))
     return DataLoader(
@@ -174,8 +226,22 @@ def create_loader(
     )
 
 
-def set_epoch(loader: DataLoader, epoch: int, seed: int, rank: int = 0) -> None:
-    """Fix this epoch's shuffling and the worker processes' augmentation seeds from (seed, epoch, rank)."""
+def batches_per_epoch(loader: DataLoader) -> int:
+    """Training batches of a whole epoch, wherever :func:`set_epoch` made this one start."""
+    sampler = loader.sampler
+    if not isinstance(sampler, ResumableSampler):
+        return len(loader)
+    whole = DistributedSampler.__len__(sampler)
+    return whole // loader.batch_size if loader.drop_last else -(-whole // loader.batch_size)
+
+
+def set_epoch(loader: DataLoader, epoch: int, seed: int, rank: int = 0, start_batch: int = 0) -> None:
+    """Fix this epoch's shuffling and augmentation from (seed, epoch, rank); with ``start_batch``, the epoch starts
+    at that batch (a run resumed in the middle of an epoch)."""
     if isinstance(loader.sampler, DistributedSampler):
         loader.sampler.set_epoch(epoch)
+    if isinstance(loader.sampler, ResumableSampler):
+        loader.sampler.start_batch = start_batch
+    if isinstance(loader.dataset, SeededSamples):
+        loader.dataset.epoch = epoch
     loader.generator.manual_seed(seed * 1_000_003 + epoch * 1009 + rank)

@@ -806,6 +806,10 @@ def _variant(size: str, pretrained: bool, **kwargs) -> GlobalContextVit:
         model_args.update(in_chans=1)
     model_args.update(kwargs)
     model = _create_gcvimoe(f'gcvimoe_{size}', pretrained=pretrained, **model_args)
+    # the registered input size is the variant's default; timm's data helpers read the built model's own
+    in_chans, input_size = model_args.get('in_chans', 3), model.pretrained_cfg['input_size']
+    if input_size[0] != in_chans or tuple(input_size[1:]) != tuple(model.img_size):
+        model.pretrained_cfg = model.default_cfg = {**model.pretrained_cfg, 'input_size': (in_chans, *model.img_size)}
     # what a checkpoint needs to rebuild this model: the name and the arguments that differ from the variant's
     model.model_name = f'gcvimoe_{size}'
     moe_options = {k: v for k, v in kwargs.items() if k in moe_config_fields}

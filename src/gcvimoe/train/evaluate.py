@@ -161,7 +161,7 @@ def evaluate(
     }
 
 
-def _eval_data_config(trained: DataConfig, dataset: Optional[str], data_dir: Optional[str]) -> DataConfig:
+def eval_data_config(trained: DataConfig, dataset: Optional[str], data_dir: Optional[str]) -> DataConfig:
     """The training data config pointed at the data to evaluate (same size, channels, normalisation, classes)."""
     if dataset is None and data_dir is None:
         return trained
@@ -173,14 +173,31 @@ def _eval_data_config(trained: DataConfig, dataset: Optional[str], data_dir: Opt
 
 
 def trained_data_config(checkpoint: Checkpoint, action: str) -> DataConfig:
-    """The preprocessing and class names a training checkpoint records; one line for a file that records none."""
+    """The preprocessing and class names a checkpoint, export or model folder records; one line for a file that
+    records none."""
     if checkpoint.data_config is None:
-        raise GcvimoeError(f"{checkpoint.path} records no preprocessing or class names (a plain state dict or an "
-                           f"export); {action} a training checkpoint (last.pth, best.pth)")
+        raise GcvimoeError(f"{checkpoint.path} records no preprocessing or class names (a plain state dict); {action} "
+                           f"a training checkpoint, an export or a model folder, or name the data with --data-dir")
     return DataConfig.from_dict(checkpoint.data_config)
 
 
-def validate_checkpoint(
+def _plain_data_config(model: nn.Module, path, dataset: Optional[str], data_dir: Optional[str]) -> DataConfig:
+    """For a file that records no preprocessing: the model's own ``pretrained_cfg`` and the named data's classes."""
+    if dataset is None and data_dir is None:
+        raise GcvimoeError(f"{path} records no preprocessing or class names (a plain state dict); name the data "
+                           f"with --data-dir DIR or --dataset")
+    pretrained = model.pretrained_cfg
+    data_cfg = resolve_data_config(dataset or "folder", data_dir or "", img_size=pretrained["input_size"][-1],
+                                   in_chans=model.model_args.get("in_chans", pretrained["input_size"][0]),
+                                   interpolation=pretrained["interpolation"],
+                                   crop_pct=pretrained["crop_pct"])
+    if data_cfg.num_classes != model.num_classes:
+        raise GcvimoeError(f"{path} has {model.num_classes} classes but the data {data_cfg.num_classes}; evaluate it "
+                           f"on data with the same classes")
+    return dataclasses.replace(data_cfg, mean=tuple(pretrained["mean"]), std=tuple(pretrained["std"]))
+
+
+def validate_checkpoint(  # noqa: PLR0913  (the command's flags, as timm's validate.py)
         checkpoint_path,
         dataset: Optional[str] = None,
         data_dir: Optional[str] = None,
@@ -189,22 +206,33 @@ def validate_checkpoint(
         workers: Optional[int] = None,
         device: str = "auto",
         use_ema: bool = False,
+        model_name: Optional[str] = None,
 ) -> Dict[str, Any]:
-    """Evaluate a checkpoint; returns the metrics of :func:`evaluate` plus context."""
+    """Evaluate a checkpoint; returns the metrics of :func:`evaluate` plus context.
+
+    Args:
+        checkpoint_path: A training checkpoint, ``.safetensors`` export, model folder, ``local-dir:DIR`` or
+            ``hf-hub:NAME``; or a plain state dict when ``model_name`` names the model to load it into.
+        model_name: The model for a plain state dict (a timm ``gcvit_*`` file into ``gcvimoe_*``).
+    """
     checkpoint = read_checkpoint(checkpoint_path)
-    trained = trained_data_config(checkpoint, "validate")
-    data_cfg = _eval_data_config(trained, dataset, data_dir)
     info = DistInfo(device=resolve_device(device))
-    model = model_from_checkpoint(checkpoint, use_ema=use_ema).to(info.device)
+    model = model_from_checkpoint(checkpoint, use_ema=use_ema, model_name=model_name).to(info.device)
+    if checkpoint.data_config is None:
+        trained = data_cfg = _plain_data_config(model, checkpoint.path, dataset, data_dir)
+    else:
+        trained = trained_data_config(checkpoint, "validate")
+        data_cfg = eval_data_config(trained, dataset, data_dir)
     eval_set = create_dataset(data_cfg, split, build_transform(data_cfg, is_training=False),
                               class_names=trained.class_names)
-    config = checkpoint.training.get("config") or {}
+    training = checkpoint.training or {}
+    config = training.get("config") or {}
     batch_size = batch_size or config.get("eval_batch_size") or config.get("batch_size") or 128
     workers = config.get("workers", 0) if workers is None else workers
     loader = create_loader(eval_set, batch_size, is_training=False, workers=workers)
     result = evaluate(model, loader, trained.num_classes, info, nullcontext)
     result.update(
-        checkpoint=str(checkpoint_path), model=checkpoint.model_name, epoch=checkpoint.training.get("epoch"),
+        checkpoint=str(checkpoint_path), model=checkpoint.model_name or model_name, epoch=training.get("epoch"),
         dataset=data_cfg.dataset, split=split, weights="ema" if use_ema else "model",
         class_names=trained.class_names)
     return result
