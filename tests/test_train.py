@@ -211,7 +211,8 @@ def ddp_twin(data_dir, tmp_path_factory):
 
 def test_expert_parallel_trains_as_ddp(ddp_twin, data_dir, tmp_path, capsys):
     output = tmp_path / "expert_parallel"
-    stdout = torchrun_train([*TWINS, "--data-dir", str(data_dir), "--expert-parallel"], output)
+    stdout = torchrun_train([*TWINS, "--data-dir", str(data_dir), "--expert-parallel", "--checkpoint-format", "file"],
+                            output)
     assert "every process holds 1/2 of each MoE layer's experts" in stdout
     assert_same_training(output, ddp_twin)
     # the val shares are 5 and 4 images (2 and 1 batches): the process with fewer batches joins the others'
@@ -226,7 +227,8 @@ def test_expert_parallel_trains_as_ddp(ddp_twin, data_dir, tmp_path, capsys):
 
 def test_expert_parallel_resumes_a_checkpoint_with_every_expert(ddp_twin, tmp_path):
     output = tmp_path / "resumed"
-    torchrun_train(["--resume", str(ddp_twin / "checkpoint-1.pth"), "--expert-parallel"], output)
+    torchrun_train(["--resume", str(ddp_twin / "checkpoint-1.pth"), "--expert-parallel", "--checkpoint-format",
+                    "file"], output)
     assert_same_training(output, ddp_twin)
 
 

@@ -1,7 +1,7 @@
 """Errors a user can cause, and the one helper that suggests the name they probably meant.
 
-The CLI prints a :class:`GcvimoeError` as one ``error:`` line and exits 2, without a traceback; any other exception
-is a bug and stays visible as one.
+The CLI prints a :class:`GcvimoeError` as one ``error:`` line and exits 2 (a subclass may say otherwise: 3 for a
+lost process of a distributed job), without a traceback; any other exception is a bug and stays visible as one.
 """
 import difflib
 from typing import Iterable, Optional
@@ -10,8 +10,9 @@ from typing import Iterable, Optional
 class GcvimoeError(ValueError):
     """A problem with user input (a path, a config key, a checkpoint, a model name).
 
-    The message names the problem and the fix in one line.
+    The message names the problem and the fix in one line. ``exit_code`` is the command line's exit status for it.
     """
+    exit_code = 2
 
 
 def nearest(name: str, choices: Iterable[str]) -> Optional[str]:

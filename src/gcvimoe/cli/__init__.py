@@ -54,7 +54,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         return int(args._run(args) or 0)
     except GcvimoeError as e:
         print(f"error: {e}", file=sys.stderr)
-        return 2
+        return e.exit_code
     except KeyboardInterrupt:
         print("error: interrupted", file=sys.stderr)
         return 130

@@ -5,6 +5,8 @@ holds tensors and a string header; ``.pth`` files are read with ``torch.load(wei
 
 - a training checkpoint (``last.pth``, ``best.pth``): a dict with ``model_name``, ``model_args``, ``state_dict``
   (``ema_state_dict``), ``data_config`` and the training state;
+- a sharded training checkpoint folder (``last/``, ``best/`` of an expert-parallel run), read whole
+  (:mod:`gcvimoe.models.sharded`);
 - a model folder in the Hugging Face / timm layout (``config.json`` and ``model.safetensors``), which
   ``timm.create_model('local-dir:DIR', pretrained=True)`` also loads; ``local-dir:DIR`` and ``hf-hub:NAME`` (from the
   local Hugging Face cache only) name one too;
@@ -24,6 +26,7 @@ import torch.nn as nn
 from safetensors import safe_open
 
 from gcvimoe.errors import GcvimoeError
+from gcvimoe.models.sharded import is_sharded_checkpoint, read_sharded_checkpoint
 
 PathLike = Union[str, os.PathLike]
 MODEL_KEY = 'gcvimoe.model'
@@ -63,6 +66,10 @@ def read_checkpoint(path: PathLike) -> Checkpoint:
         path = _hub_folder(text.removeprefix('hf-hub:'))
     else:
         path = Path(text.removeprefix('local-dir:'))
+    if is_sharded_checkpoint(path):
+        obj = read_sharded_checkpoint(path)
+        return Checkpoint(path, obj['state_dict'], obj['model_name'], dict(obj['model_args'] or {}),
+                          obj.get('ema_state_dict'), obj.get('data_config'), training=obj)
     if path.is_dir():
         return _read_model_folder(path)
     if not path.is_file():

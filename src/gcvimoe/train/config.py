@@ -117,10 +117,17 @@ class TrainConfig:
     seed: int = _key(42, "random seed (each process adds its rank)")
     # output
     output: str = _key("", "output folder ('' = output/train/<time>-<model>-<dataset>)")
+    dist_timeout: str = _key("10m", "with several processes, how long one may wait for the others (in a collective, "
+                                    "or without a heartbeat) before the job ends naming the process that stopped: "
+                                    "seconds, or 90s, 10m, 1h")
     checkpoint_every: int = _key(0, "also keep checkpoint-<epoch>.pth every N epochs (0 = off)")
     log_interval: int = _key(0, "training micro-batches between step lines and TensorBoard points (0 = about 5 "
                                 "per epoch)")
     tensorboard: bool = _key(True, "log scalars to TensorBoard in <output>/tensorboard when tensorboard is installed")
+    checkpoint_format: str = _key("auto", "file (one .pth holding every expert) or sharded (a folder per checkpoint, "
+                                          "each process writing its own experts; resumes on any process count); "
+                                          "auto = sharded under expert parallelism, else file",
+                                  choices=("auto", "file", "sharded"))
     log_wandb: bool = _key(False, "also log to Weights & Biases when wandb is installed (WANDB_MODE=offline works "
                                   "without a network)")
 
@@ -358,6 +365,8 @@ def check_values(cfg: TrainConfig) -> None:
     non_negative = ("workers", "warmup_epochs", "cooldown_epochs", "checkpoint_every", "lr", "weight_decay",
                     "smoothing", "mixup", "cutmix", "reprob", "color_jitter", "hflip", "log_interval")
     for name in non_negative:
+    if parse_duration("dist_timeout", cfg.dist_timeout) <= 0:
+        raise GcvimoeError(f"config key 'dist_timeout' must be positive, got {cfg.dist_timeout!r}")
         if getattr(cfg, name) < 0:
             raise GcvimoeError(f"config key '{name}' must not be negative, got {getattr(cfg, name)}")
     if cfg.eval_batch_size is not None and cfg.eval_batch_size < 1:
@@ -391,6 +400,24 @@ def build_config(
 
     Args:
         config_file: Path of a YAML file or the name of a built-in config, or None.
+_SECONDS_PER_UNIT = {"": 1, "s": 1, "m": 60, "h": 3600}
+
+
+def parse_duration(name: str, text: str) -> float:
+    """Seconds of a duration written as ``600``, ``90s``, ``10m``, ``1.5h``; a one-line error naming key ``name``."""
+    number, unit = str(text).strip(), ""
+    if number[-1:].lower() in ("s", "m", "h"):
+        number, unit = number[:-1], number[-1].lower()
+    try:
+        seconds = float(number) * _SECONDS_PER_UNIT[unit]
+    except ValueError:
+        raise GcvimoeError(f"config key '{name}' must be a duration such as 600, 90s, 10m or 1h, got {text!r}") \
+            from None
+    if not math.isfinite(seconds):
+        raise GcvimoeError(f"config key '{name}' must be a finite duration, got {text!r}")
+    return seconds
+
+
         cli_overrides: Already-typed values from the command line.
         base: A saved config dict (from a checkpoint) applied before the file.
     """

@@ -9,6 +9,12 @@ They are read by the package's one reader, :func:`gcvimoe.models.read_checkpoint
   entry per process), ``history`` (the summary.csv rows), ``best``, and ``config`` (the training config).
 
 Files are written to a temporary name and renamed, so a crash while saving never loses the previous checkpoint.
+
+A sharded checkpoint (``last/``, ``best/``: ``checkpoint_format: sharded``, the default under expert parallelism) is
+a folder of the same content: DCP files with the tensors, each process's experts and optimiser state written by that
+process, and ``training.pth`` with the rest (see :mod:`gcvimoe.models.sharded`; written and resharded by
+:mod:`gcvimoe.train.distributed`). Resuming reads ``training.pth`` first and the tensors after the model is built, so
+that every process reads its own experts only.
 """
 import random
 from pathlib import Path
@@ -20,6 +26,7 @@ import torch
 from gcvimoe.errors import GcvimoeError
 from gcvimoe.files import atomic_path
 from gcvimoe.models import read_checkpoint
+from gcvimoe.models.sharded import TRAINING_FILE, is_sharded_checkpoint, read_training_state
 
 FORMAT_VERSION = 1
 
@@ -54,8 +61,19 @@ def save_checkpoint(state: Dict[str, Any], path) -> None:
         torch.save(dict(state, format_version=FORMAT_VERSION), tmp)
 
 
+SHARDED_KEY = "sharded_from"
+"""Set in the training state of a sharded checkpoint to its folder: the tensors are still to be read."""
+
+
 def load_training_checkpoint(path) -> Dict[str, Any]:
-    """The training state of a gcvimoe training checkpoint, with one-line errors for any other file."""
+    """The training state of a gcvimoe training checkpoint, with one-line errors for any other file. A sharded one's
+    holds no tensors yet: ``state[SHARDED_KEY]`` names the folder to read them from."""
+    if is_sharded_checkpoint(path):
+        state = read_training_state(path)
+        if "optimizer" not in state:
+            raise GcvimoeError(f"{path} holds weights only (best/ keeps no optimiser state); resume from the run's "
+                               f"last/, or start from these weights with --initial-checkpoint")
+        return dict(state, **{SHARDED_KEY: str(path)})
     checkpoint = read_checkpoint(path)
     if checkpoint.training is None:
         raise GcvimoeError(f"{path} is not a gcvimoe training checkpoint; resume from a last.pth of gcvimoe train, or "
@@ -67,13 +85,21 @@ def load_training_checkpoint(path) -> Dict[str, Any]:
 
 
 def find_resume_checkpoint(resume: str, output_dir: Optional[str]) -> Optional[Path]:
-    """The checkpoint ``--resume`` names: a path, or 'auto' for ``<output>/last.pth`` (None when there is none)."""
+    """The checkpoint ``--resume`` names: a path, or 'auto' for the output folder's ``last.pth`` or sharded ``last/``
+    (the newer of the two when a run changed its format; None when there is none)."""
     if resume != "auto":
         path = Path(resume)
-        if not path.is_file():
-            raise GcvimoeError(f"resume checkpoint {path} not found; pass an existing .pth file or --resume auto")
+        if not (path.is_file() or is_sharded_checkpoint(path)):
+            raise GcvimoeError(f"resume checkpoint {path} not found; pass an existing .pth file, a sharded checkpoint "
+                               f"folder (RUN/last) or --resume auto")
         return path
     if not output_dir:
         raise GcvimoeError("--resume auto needs --output DIR naming the run folder to continue")
-    path = Path(output_dir) / "last.pth"
-    return path if path.is_file() else None
+    found = [path for path in (Path(output_dir) / "last.pth", Path(output_dir) / "last")
+             if path.is_file() or is_sharded_checkpoint(path)]
+    return max(found, key=_written_at) if found else None
+
+
+def _written_at(path: Path) -> float:
+    """When a checkpoint was completed: its file's, or its folder's ``training.pth`` (written last)."""
+    return (path / TRAINING_FILE if path.is_dir() else path).stat().st_mtime
