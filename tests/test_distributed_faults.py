@@ -169,7 +169,7 @@ def _assert_equal_states(state, reference):
 @pytest.fixture(scope="module")
 def sharded_folder(tmp_path_factory):
     folder = tmp_path_factory.mktemp("sharded")
-    mp.start_processes(_save_worker, args=(str(folder / "store"), folder), nprocs=2, start_method="fork")
+    mp.start_processes(_save_worker, args=(str(folder / "store"), folder), nprocs=2, start_method="spawn")
     return folder
 
 
@@ -195,7 +195,7 @@ def test_a_sharded_checkpoint_loads_in_one_process_to_the_same_weights(sharded_f
 
 def test_a_sharded_checkpoint_reshards_onto_four_processes(sharded_folder):
     mp.start_processes(_load_worker, args=(4, str(sharded_folder / "store4"), sharded_folder), nprocs=4,
-                       start_method="fork")
+                       start_method="spawn")
     reference = torch.load(sharded_folder / "reference.pth", weights_only=True)
     _assert_equal_states(torch.load(sharded_folder / "loaded-4.pth", weights_only=True), reference)
 

@@ -326,7 +326,8 @@ def test_full_tmpfs_keeps_the_previous_checkpoint(tmp_path):
                           capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr
     result = json.loads(done.stdout.strip().splitlines()[-1])
-    assert result["error"].startswith("no space left to write ") and "last.pth" in result["error"]
+    # best.pth is written before last.pth (see the trainer), so either may be the write that finds the disk full
+    assert result["error"].startswith("no space left to write ") and ".pth" in result["error"]
     assert result["epoch"] == 1  # epoch 2's save failed: epoch 1's checkpoint is intact
     assert not [name for name in result["files"] if name.endswith(".tmp")], result["files"]
     assert result["export"] == 2 and result["train_ro"] == 2

@@ -119,7 +119,7 @@ def _worker(rank, init_file):
 @pytest.mark.skipif(not dist.is_available(), reason='torch.distributed is not available')
 def test_expert_parallel_matches_single_process(tmp_path):
     # fork keeps the start-up to a fraction of a second; the children only use torch after setting one thread
-    mp.start_processes(_worker, args=(str(tmp_path / 'store'),), nprocs=WORLD_SIZE, start_method='fork')
+    mp.start_processes(_worker, args=(str(tmp_path / 'store'),), nprocs=WORLD_SIZE, start_method='spawn')
 
 
 def test_shard_state_dict_slices_experts_only():

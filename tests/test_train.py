@@ -255,7 +255,7 @@ def _loss_worker(rank, init_file):
 
 
 def test_a_non_finite_loss_on_one_process_stops_every_process(tmp_path):
-    mp.start_processes(_loss_worker, args=(str(tmp_path / "store"),), nprocs=2, start_method="fork")
+    mp.start_processes(_loss_worker, args=(str(tmp_path / "store"),), nprocs=2, start_method="spawn")
 
 
 def _evaluate_worker(rank, init_file):
@@ -283,7 +283,7 @@ def _evaluate_worker(rank, init_file):
 
 
 def test_expert_parallel_evaluation_with_a_process_without_images(tmp_path):
-    mp.start_processes(_evaluate_worker, args=(str(tmp_path / "store"),), nprocs=2, start_method="fork")
+    mp.start_processes(_evaluate_worker, args=(str(tmp_path / "store"),), nprocs=2, start_method="spawn")
 
 
 def test_expert_parallel_refuses_optimisers_that_look_across_parameters():

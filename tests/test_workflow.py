@@ -1,11 +1,13 @@
 """The user's workflow around training: initial weights and upcycling, model folders timm loads, validate and
 predict on any checkpoint form, run folders that are never overwritten silently, device errors."""
 import csv
+import dataclasses
 import json
 import re
 
 import pytest
 import timm
+from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 import torch
 from test_cli_errors import assert_one_error_line, run_cli
 from test_train import CLASSES, make_image_folder, read_summary
@@ -158,7 +160,8 @@ def test_validate_a_plain_state_dict_into_a_named_model_with_a_results_file(data
     with open(results) as f:
         (row,) = list(csv.DictReader(f))
     # the named model's own preprocessing (timm's pretrained_cfg) on the named data
-    data_cfg = resolve_data_config("folder", str(data_dir), img_size=32, in_chans=3, crop_pct=0.875)
+    data_cfg = dataclasses.replace(resolve_data_config("folder", str(data_dir), img_size=32, in_chans=3, crop_pct=0.875),
+                                   mean=IMAGENET_DEFAULT_MEAN, std=IMAGENET_DEFAULT_STD)
     loader = create_loader(create_dataset(data_cfg, "val", build_transform(data_cfg, is_training=False)), 4, False)
     expected = evaluate(dense, loader, len(CLASSES), DistInfo(device=torch.device("cpu")))
     assert float(row["top1"]) == pytest.approx(expected["top1"], abs=1e-4)

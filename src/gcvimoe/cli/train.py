@@ -100,10 +100,19 @@ def config_from_args(args: argparse.Namespace):
     return cfg, checkpoint, config_origins(args.config, overrides, base=base)
 
 
+def _with_data(cfg):
+    """The config with the data-derived values filled in, when the data can be read now (else None)."""
+    from gcvimoe.train.trainer import derive_from_data
+    try:
+        return derive_from_data(cfg)[0]
+    except GcvimoeError:
+        return None
+
+
 def run(args: argparse.Namespace) -> int:
     cfg, checkpoint, origins = config_from_args(args)
     if args.print_config:
-        print(config_yaml(cfg), end="")
+        print(config_yaml(cfg, _with_data(cfg)), end="")
         return 0
     from gcvimoe.train import train
     if args.resume == "auto" and checkpoint is None:

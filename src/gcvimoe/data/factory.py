@@ -10,14 +10,14 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
-from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, create_transform
+from timm.data import create_transform
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 from torchvision import transforms
 
 from gcvimoe.data.digits import DIGITS_CLASSES, DIGITS_MEAN, DIGITS_STD, DigitsDataset
 from gcvimoe.data.fashion_mnist import (
     FASHION_MNIST_CLASSES, FASHION_MNIST_MEAN, FASHION_MNIST_STD, FashionMNIST, fashion_mnist_dir)
-from gcvimoe.data.folder import ImageFolder, check_split_dir, find_classes
+from gcvimoe.data.folder import ImageFolder, check_split_dir, find_classes, measure_folder
 from gcvimoe.errors import GcvimoeError
 
 
@@ -50,35 +50,53 @@ class DataConfig:
         return cls(**d)
 
 
-def resolve_data_config(
+SMALL_DATASETS_SIZE = 32  # the embedded digits and Fashion-MNIST are read at 32 px (a multiple of GC ViT's 32)
+MAX_DERIVED_SIZE = 224
+
+
+def derived_img_size(median_side: int) -> int:
+    """The input size a folder's images suggest: their median shorter side rounded up to GC ViT's multiple of 32,
+    at most 224 (ImageNet's; larger images are downscaled as timm's recipes do)."""
+    return min(max(32, -(-median_side // 32) * 32), MAX_DERIVED_SIZE)
+
+
+def resolve_data_config(  # noqa: PLR0913  (the data keys of the training config)
         dataset: str,
         data_dir: str = "",
-        img_size: int = 32,
+        img_size: Optional[int] = None,
         in_chans: Optional[int] = None,
         interpolation: str = "bicubic",
         crop_pct: float = 0.875,
+        notes: Optional[List[str]] = None,
 ) -> DataConfig:
-    """Fill in the channels, normalisation and class names of a dataset, checking a folder's layout.
+    """Fill in the size, channels, normalisation and class names of a dataset, checking a folder's layout.
+
+    For a folder, what is not given comes from the data (:func:`~gcvimoe.data.folder.measure_folder` on a sample of
+    the training images): one channel when every sampled image is grey, the input size from the median image side,
+    and the mean and std measured on the sample.
 
     Args:
         dataset: 'digits', 'fashion-mnist' or 'folder'.
         data_dir: The folder (required for 'folder', optional for 'fashion-mnist').
-        img_size: Model input size.
-        in_chans: Model input channels; None = the dataset's own (1 for the grey datasets, 3 for folders).
+        img_size: Model input size; None = from the data (32 for the built-in datasets).
+        in_chans: Model input channels; None = from the data (1 for the built-in grey datasets).
         interpolation: Resize interpolation.
         crop_pct: Evaluation centre-crop fraction.
+        notes: When given, a line per value taken from the data, saying why, is appended.
     """
+    notes = notes if notes is not None else []
     if dataset == "digits":
         classes, native_chans, mean, std = list(DIGITS_CLASSES), 1, DIGITS_MEAN, DIGITS_STD
+        native_size = SMALL_DATASETS_SIZE
     elif dataset == "fashion-mnist":
         classes, native_chans, mean, std = list(FASHION_MNIST_CLASSES), 1, FASHION_MNIST_MEAN, FASHION_MNIST_STD
-        data_dir = str(fashion_mnist_dir(data_dir))
+        data_dir, native_size = str(fashion_mnist_dir(data_dir)), SMALL_DATASETS_SIZE
     elif dataset == "folder":
         if not data_dir:
             raise GcvimoeError("dataset 'folder' needs --data-dir DIR with train/ and val/ class folders")
         classes = find_classes(check_split_dir(data_dir, "train"))
         check_split_dir(data_dir, "val")
-        native_chans, mean, std = 3, IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
+        native_chans, native_size, mean, std = _from_folder(data_dir, img_size, in_chans, notes)
     else:
         raise GcvimoeError(f"unknown dataset '{dataset}'; use digits, fashion-mnist or --data-dir DIR")
     in_chans = in_chans or native_chans
@@ -87,8 +105,25 @@ def resolve_data_config(
         grey_mean, grey_std = sum(mean) / len(mean), sum(std) / len(std)
         mean, std = (grey_mean,) * in_chans, (grey_std,) * in_chans
     return DataConfig(
-        dataset=dataset, data_dir=str(data_dir), img_size=img_size, in_chans=in_chans, mean=tuple(mean),
-        std=tuple(std), interpolation=interpolation, crop_pct=crop_pct, class_names=classes)
+        dataset=dataset, data_dir=str(data_dir), img_size=img_size or native_size, in_chans=in_chans,
+        mean=tuple(mean), std=tuple(std), interpolation=interpolation, crop_pct=crop_pct, class_names=classes)
+
+
+def _from_folder(data_dir, img_size: Optional[int], in_chans: Optional[int], notes: List[str]):
+    """Channels, size, mean and std of a folder dataset, measured on a sample; ``notes`` says what was chosen."""
+    stats = measure_folder(data_dir)
+    chans = 1 if stats.grey else 3
+    mean, std = (stats.mean[:1], stats.std[:1]) if stats.grey else (stats.mean, stats.std)
+    if in_chans is None:
+        notes.append(f"in_chans {chans} (from the data: {'every' if stats.grey else 'not every'} one of "
+                     f"{stats.sampled} sampled images is grey)")
+    size = derived_img_size(stats.median_side)
+    if img_size is None:
+        notes.append(f"img_size {size} (from the data: median image side {stats.median_side} px, rounded up to a "
+                     f"multiple of 32, at most {MAX_DERIVED_SIZE})")
+    notes.append("mean " + ", ".join(f"{m:.4f}" for m in mean) + ", std " + ", ".join(f"{s:.4f}" for s in std)
+                 + f" (from the data: measured on {stats.sampled} sampled training images)")
+    return chans, size, mean, std
 
 
 def build_transform(data_cfg: DataConfig, is_training: bool = False, **aug):

@@ -23,6 +23,7 @@ from gcvimoe.errors import GcvimoeError, did_you_mean
 from gcvimoe.files import write_text
 from gcvimoe.moe import GCVIMOE, MoEConfig
 from gcvimoe.moe import config as moe_config
+from gcvimoe.train.preemption import parse_save_interval
 
 DATASETS = ("digits", "fashion-mnist", "folder")
 
@@ -40,8 +41,8 @@ def _key(default, help: str, choices=None):
 class TrainConfig:
     """Every setting of a training run. YAML files and ``--key value`` options use these names.
 
-    The defaults follow the digits recipe (the built-in ``-c digits``), so ``gcvimoe train`` alone trains a small model
-    on the embedded digits in a few minutes on a CPU; the other built-in configs (:func:`builtin_configs`) hold the
+    The defaults train a small model (gcvimoe_nano) on the embedded digits in a few minutes on a CPU; the demo's
+    tuned recipe is the built-in ``-c digits``; the other built-in configs (:func:`builtin_configs`) hold the
     Fashion-MNIST and ImageNet recipes of the original GCViMoE project. The MoE options live in the ``moe`` section,
     a :class:`gcvimoe.moe.MoEConfig` whose defaults are the GCViMoE recipe.
     """
@@ -52,13 +53,21 @@ class TrainConfig:
         "help": "the MoE options (an moe: section in YAML; flags --num-experts, --top-k, ...); see gcvimoe.moe.MoEConfig"})
     model_kwargs: Dict[str, Any] = _key({}, "extra keyword arguments for the model constructor")
     grad_checkpointing: bool = _key(False, "recompute activations in backward to save memory")
+    initial_checkpoint: str = _key("", "start from these weights: a timm gcvit_* or gcvimoe file, a model folder, "
+                                       "local-dir:DIR or hf-hub:NAME; dense weights into a MoE model are upcycled")
+    noise_std: float = _key(0.0, "noise added to each expert copy when upcycling dense initial weights")
     # data
     dataset: str = _key("", "digits, fashion-mnist or folder ('' = folder when data_dir is set, else digits)",
                         choices=("",) + DATASETS)
     data_dir: str = _key("", "ImageNet-style folder with train/ and val/ class folders, or the Fashion-MNIST files")
-    img_size: int = _key(32, "input image size in pixels")
-    in_chans: Optional[int] = _key(None, "input channels, 1 = grayscale, 3 = RGB (null = the dataset's own)")
-    workers: int = _key(0, "data loading processes per training process (0 = load in the main process)")
+    img_size: Optional[int] = _key(None, "input image size in pixels (null = from the data: a folder's median image "
+                                         "side rounded up to a multiple of 32, at most 224; 32 for digits and "
+                                         "Fashion-MNIST)")
+    in_chans: Optional[int] = _key(None, "input channels, 1 = grayscale, 3 = RGB (null = from the data: 1 when every "
+                                         "sampled image of a folder is grey)")
+    workers: Optional[int] = _key(None, "data loading processes per training process (0 = load in the main "
+                                        "process; null = from the machine: 0 for the in-memory digits and "
+                                        "Fashion-MNIST, else the CPU cores per process less one, at most 8)")
     check_data: bool = _key(False, "decode every image of a folder before training and list the unreadable ones")
     strict_data: bool = _key(False, "stop at the first unreadable image (default: skip it, count it in the epoch "
                                     "line and list it in bad_files.txt)")
@@ -113,21 +122,25 @@ class TrainConfig:
     compile: bool = _key(False, "torch.compile the model")
     expert_parallel: bool = _key(False, "with several processes, shard every MoE layer's experts over them (expert "
                                         "parallelism: num_experts / processes experts each, all-to-all)")
+    dist_timeout: str = _key("10m", "with several processes, how long one may wait for the others (in a collective, "
+                                    "or without a heartbeat) before the job ends naming the process that stopped: "
+                                    "seconds, or 90s, 10m, 1h")
     threads: Optional[int] = _key(None, "CPU threads per process (null = torch's default, all cores)")
     seed: int = _key(42, "random seed (each process adds its rank)")
     # output
     output: str = _key("", "output folder ('' = output/train/<time>-<model>-<dataset>)")
-    dist_timeout: str = _key("10m", "with several processes, how long one may wait for the others (in a collective, "
-                                    "or without a heartbeat) before the job ends naming the process that stopped: "
-                                    "seconds, or 90s, 10m, 1h")
-    checkpoint_every: int = _key(0, "also keep checkpoint-<epoch>.pth every N epochs (0 = off)")
-    log_interval: int = _key(0, "training micro-batches between step lines and TensorBoard points (0 = about 5 "
-                                "per epoch)")
-    tensorboard: bool = _key(True, "log scalars to TensorBoard in <output>/tensorboard when tensorboard is installed")
     checkpoint_format: str = _key("auto", "file (one .pth holding every expert) or sharded (a folder per checkpoint, "
                                           "each process writing its own experts; resumes on any process count); "
                                           "auto = sharded under expert parallelism, else file",
                                   choices=("auto", "file", "sharded"))
+    checkpoint_every: int = _key(0, "also keep checkpoint-<epoch>.pth every N epochs (0 = off)")
+    save_interval: str = _key("", "also save last.pth inside epochs: every N optimiser steps (500) or minutes (10m, "
+                                  "90s, 2h); '' = at epoch ends only. SIGTERM, SIGINT and SIGUSR1 always save")
+    keep_last: int = _key(3, "how many checkpoint-<epoch>.pth files to keep, newest first (0 = all)")
+    overwrite: bool = _key(False, "replace a previous run in the output folder (refused otherwise, unless resuming)")
+    log_interval: int = _key(0, "training micro-batches between step lines and TensorBoard points (0 = about 5 "
+                                "per epoch)")
+    tensorboard: bool = _key(True, "log scalars to TensorBoard in <output>/tensorboard when tensorboard is installed")
     log_wandb: bool = _key(False, "also log to Weights & Biases when wandb is installed (WANDB_MODE=offline works "
                                   "without a network)")
 
@@ -357,17 +370,18 @@ def _check_numbers(cfg: TrainConfig) -> None:
 
 def check_values(cfg: TrainConfig) -> None:
     """Range checks that a type alone cannot express."""
+    if parse_duration("dist_timeout", cfg.dist_timeout) <= 0:
+        raise GcvimoeError(f"config key 'dist_timeout' must be positive, got {cfg.dist_timeout!r}")
     _check_numbers(cfg)
+    parse_save_interval(cfg.save_interval)
     positive = ("epochs", "batch_size", "grad_accum_steps", "img_size")
     for name in positive:
-        if getattr(cfg, name) < 1:
+        if getattr(cfg, name) is not None and getattr(cfg, name) < 1:
             raise GcvimoeError(f"config key '{name}' must be at least 1, got {getattr(cfg, name)}")
     non_negative = ("workers", "warmup_epochs", "cooldown_epochs", "checkpoint_every", "lr", "weight_decay",
                     "smoothing", "mixup", "cutmix", "reprob", "color_jitter", "hflip", "log_interval")
     for name in non_negative:
-    if parse_duration("dist_timeout", cfg.dist_timeout) <= 0:
-        raise GcvimoeError(f"config key 'dist_timeout' must be positive, got {cfg.dist_timeout!r}")
-        if getattr(cfg, name) < 0:
+        if getattr(cfg, name) is not None and getattr(cfg, name) < 0:
             raise GcvimoeError(f"config key '{name}' must not be negative, got {getattr(cfg, name)}")
     if cfg.eval_batch_size is not None and cfg.eval_batch_size < 1:
         raise GcvimoeError(f"config key 'eval_batch_size' must be at least 1, got {cfg.eval_batch_size}")
@@ -391,15 +405,6 @@ def scaled_lr(cfg: TrainConfig, global_batch: int) -> float:
     return cfg.lr * (ratio if cfg.lr_scale == "linear" else math.sqrt(ratio))
 
 
-def build_config(
-        config_file: Optional[str] = None,
-        cli_overrides: Optional[Mapping[str, Any]] = None,
-        base: Optional[Mapping[str, Any]] = None,
-) -> TrainConfig:
-    """Build the effective config: defaults, then ``base`` (a resumed run's config), the YAML file, the CLI.
-
-    Args:
-        config_file: Path of a YAML file or the name of a built-in config, or None.
 _SECONDS_PER_UNIT = {"": 1, "s": 1, "m": 60, "h": 3600}
 
 
@@ -418,6 +423,15 @@ def parse_duration(name: str, text: str) -> float:
     return seconds
 
 
+def build_config(
+        config_file: Optional[str] = None,
+        cli_overrides: Optional[Mapping[str, Any]] = None,
+        base: Optional[Mapping[str, Any]] = None,
+) -> TrainConfig:
+    """Build the effective config: defaults, then ``base`` (a resumed run's config), the YAML file, the CLI.
+
+    Args:
+        config_file: Path of a YAML file or the name of a built-in config, or None.
         cli_overrides: Already-typed values from the command line.
         base: A saved config dict (from a checkpoint) applied before the file.
     """
@@ -432,9 +446,48 @@ def parse_duration(name: str, text: str) -> float:
     return cfg
 
 
-def config_yaml(cfg: TrainConfig) -> str:
-    """The config as YAML, in the form ``-c`` reads back."""
-    return yaml.safe_dump(cfg.to_dict(), sort_keys=False)
+def _flat(cfg: TrainConfig) -> Dict[str, Any]:
+    values = cfg.to_dict()
+    moe = values.pop("moe")
+    return {**values, **{f"moe.{key}": value for key, value in moe.items()}}
+
+
+def config_origins(
+        config_file: Optional[str] = None,
+        cli_overrides: Optional[Mapping[str, Any]] = None,
+        base: Optional[Mapping[str, Any]] = None,
+) -> Dict[str, str]:
+    """Where each value that differs from the default came from, applying the layers as :func:`build_config` does:
+    ``{"epochs": "the command line", "moe.top_k": "config digits", ...}``, for the run's header."""
+    layers = (("the resumed run", base), (f"config {config_file}", load_yaml(config_file) if config_file else None),
+              ("the command line", cli_overrides))
+    cfg, origins = TrainConfig(), {}
+    default = _flat(cfg)
+    with warnings.catch_warnings():  # build_config has warned about these already
+        warnings.simplefilter("ignore")
+        for label, values in layers:
+            if values:
+                before = _flat(cfg)
+                cfg = apply_overrides(cfg, values, label)
+                origins.update({key: label for key, value in _flat(cfg).items() if value != before[key]})
+    final = _flat(cfg)
+    return {key: label for key, label in origins.items() if final[key] != default[key]}
+
+
+DATA_DERIVED = ("img_size", "in_chans", "workers")  # null in a config: decided by the data and the machine at start
+
+
+def config_yaml(cfg: TrainConfig, derived: Optional[TrainConfig] = None) -> str:
+    """The config as YAML, in the form ``-c`` reads back. The keys the data decides (:data:`DATA_DERIVED`) that
+    ``cfg`` leaves null carry a comment: their values from ``derived`` (the config with the data read), or, without
+    it, that the data decides them at start."""
+    lines = yaml.safe_dump(cfg.to_dict(), sort_keys=False).splitlines()
+    for i, line in enumerate(lines):
+        key = line.split(":", 1)[0]
+        if key in DATA_DERIVED and getattr(cfg, key) is None:
+            value = getattr(derived, key) if derived is not None else None
+            lines[i] = f"{key}: {value}  # from the data" if value is not None else f"{line}  # from the data at start"
+    return "\n".join(lines) + "\n"
 
 
 def save_config(cfg: TrainConfig, path) -> None:

@@ -131,6 +131,20 @@ class StepMeter:
         if self.bar is not None:
             self.bar.close()
 
+    def resume(self, start_batch: int, sums: List[List[float]], rank: int) -> None:
+        """Continue an epoch saved after ``start_batch`` micro-batches: ``sums`` holds every process's sums then
+        (:meth:`own_sums`, gathered), so the epoch's totals come out as if it had not stopped."""
+        self.sums += torch.tensor(sums[rank], dtype=self.sums.dtype, device=self.sums.device)
+        self.totals = [sum(values) for values in zip(*sums)]
+        self.step_lrs = [math.nan] * start_batch
+        self.batches_read = start_batch
+        if self.bar is not None:
+            self.bar.update(start_batch)
+
+    def own_sums(self) -> List[float]:
+        """This process's sums so far, for a checkpoint in the middle of the epoch (a copy from the device)."""
+        return self.sums.tolist()
+
     def is_log_step(self, batch_idx: int) -> bool:
         return batch_idx in (0, self.num_batches - 1) or (batch_idx + 1) % self.interval == 0
 
