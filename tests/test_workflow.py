@@ -176,6 +176,7 @@ def test_validate_a_plain_state_dict_into_a_named_model_with_a_results_file(data
     ["validate", "--checkpoint", "CKPT"],
     ["predict", "--checkpoint", "CKPT", "IMAGE"],
     ["benchmark", "--model", "gcvimoe_nano", "--img-size", "32"],
+    ["visualize", "--checkpoint", "CKPT", "--output", "viz"],
 ])
 @pytest.mark.parametrize("device", ["cuda", "gpu"])
 def test_an_unavailable_or_unknown_device_is_one_line_exit_2(argv, device, run_dir, data_dir, capsys, tmp_path,
@@ -186,3 +187,57 @@ def test_an_unavailable_or_unknown_device_is_one_line_exit_2(argv, device, run_d
     code, err = run_cli(capsys, *argv, "--device", device)
     assert code == 2
     assert_one_error_line(code, err, device, "available here: auto, cpu")
+
+
+def test_hub_names_load_from_the_local_cache_only(run_dir, tmp_path, monkeypatch):
+    """hf-hub:NAME reads the Hugging Face cache layout (refs/main -> snapshots/<rev>/) and never downloads."""
+    cache = tmp_path / "hub"
+    snapshot = cache / "models--someone--digits-moe" / "snapshots" / "0123abc"
+    snapshot.mkdir(parents=True)
+    for name in ("config.json", "model.safetensors"):
+        (snapshot / name).write_bytes((run_dir / "model" / name).read_bytes())
+    (cache / "models--someone--digits-moe" / "refs").mkdir()
+    (cache / "models--someone--digits-moe" / "refs" / "main").write_text("0123abc")
+    import huggingface_hub.constants
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(cache))  # read at import from the env
+    hub = read_checkpoint("hf-hub:someone/digits-moe")
+    local = read_checkpoint(f"local-dir:{run_dir / 'model'}")
+    assert hub.model_name == local.model_name and hub.data_config == local.data_config
+    assert all(torch.equal(hub.state_dict[k], local.state_dict[k]) for k in local.state_dict)
+    with pytest.raises(ValueError, match="not in the local Hugging Face cache"):
+        read_checkpoint("hf-hub:someone/elsewhere")
+
+
+def test_initial_weights_of_another_class_count_keep_all_but_a_fresh_head():
+    from gcvimoe.models import load_initial_weights
+
+    torch.manual_seed(0)
+    source = create_model("gcvimoe_nano", num_classes=10, in_chans=3, num_experts=0)
+    target = create_model("gcvimoe_nano", num_classes=3, in_chans=1, num_experts=0)
+    fresh_head = target.head.fc.weight.detach().clone()
+    notes = load_initial_weights(target, source_file := _save(source))
+    assert any("the head is re-initialised" in note for note in notes) and str(source_file) in notes[0]
+    assert any("stem is adapted from 3 to 1 input channels" in note for note in notes)
+    assert torch.equal(target.head.fc.weight, fresh_head)
+    assert torch.equal(target.stages[2].blocks[1].mlp.fc1.weight, source.stages[2].blocks[1].mlp.fc1.weight)
+    # timm's adapt_input_conv sums the RGB filters into the one grey filter
+    torch.testing.assert_close(target.stem.conv1.weight, source.stem.conv1.weight.sum(1, keepdim=True))
+
+
+def _save(model):
+    import tempfile
+    return save_model(model, f"{tempfile.mkdtemp()}/source.safetensors")
+
+
+def test_the_header_says_where_values_came_from_and_counts_cooldown(data_dir, tmp_path, capsys):
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text("model: gcvimoe_nano\nmodel_kwargs: {embed_dim: 16}\ncooldown_epochs: 1\nbatch_size: 9\n"
+                      "img_size: 32\nthreads: 1\n")
+    output = tmp_path / "run"
+    assert main(["train", "-c", str(recipe), "--data-dir", str(data_dir), "--epochs", "1", "--output", str(output),
+                 "--no-tensorboard", "--workers", "0"]) == 0
+    log = (output / "train.log").read_text()
+    assert "epochs: 2 in total (1 of the schedule + 1 cooldown at min_lr)" in log
+    assert "epochs 1 (from the command line)" in log and f"cooldown_epochs 1 (from config {recipe})" in log
+    assert len(read_summary(output / "summary.csv")) == 2
+    assert "in_chans 3 (from the data" in log  # RGB images, not grey
