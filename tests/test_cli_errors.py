@@ -6,6 +6,7 @@ import pytest
 from PIL import Image
 
 from gcvimoe.cli import main
+from helpers import assert_one_error_line, run_cli
 
 
 @pytest.fixture(autouse=True)
@@ -20,26 +21,6 @@ def make_folder(root, train=("a", "b"), val=("a",)):
             (root / split / name).mkdir(parents=True)
             Image.new("RGB", (8, 8), (10, 20, 30)).save(root / split / name / "0.png")
     return root
-
-
-def run_cli(capsys, *argv):
-    """Run the CLI in this process; return (exit code, stderr). argparse errors exit through SystemExit."""
-    capsys.readouterr()
-    try:
-        code = main(list(argv))
-    except SystemExit as e:
-        code = e.code
-    return code, capsys.readouterr().err
-
-
-def assert_one_error_line(code, err, *fragments):
-    assert code != 0
-    lines = [line for line in err.strip().splitlines() if line.strip()]
-    error_lines = [line for line in lines if "error:" in line]
-    assert len(error_lines) == 1, err
-    assert "Traceback" not in err
-    for fragment in fragments:
-        assert fragment in error_lines[0], error_lines[0]
 
 
 def test_missing_data_folder(tmp_path, capsys):

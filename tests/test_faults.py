@@ -15,7 +15,7 @@ import pytest
 import torch
 from PIL import Image
 
-from gcvimoe.cli import main
+from helpers import cli as run_cli
 from gcvimoe.data import DataConfig, build_transform, load_image, read_image
 from gcvimoe.errors import GcvimoeError
 from gcvimoe.files import atomic_path, temporary_path
@@ -100,16 +100,6 @@ def salted_folder(root):
 def read_bad_files(output):
     lines = (output / "bad_files.txt").read_text().splitlines()
     return dict(line.split("\t") for line in lines)
-
-
-def run_cli(capsys, *argv):
-    capsys.readouterr()
-    try:
-        code = main(list(argv))
-    except SystemExit as e:
-        code = e.code
-    captured = capsys.readouterr()
-    return code, captured.out, captured.err
 
 
 def assert_one_line(code, err, *fragments):

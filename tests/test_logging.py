@@ -1,17 +1,15 @@
 """What a run shows while it trains: step lines, no carriage returns off a terminal, TensorBoard and W&B scalars."""
 import contextlib
-import csv
 import importlib.util
 import io
 import json
 import sys
 
-import numpy as np
 import pytest
 import torch
-from PIL import Image
 
 from gcvimoe.cli import main
+from helpers import make_image_folder, read_summary
 from gcvimoe.train import trainer
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -24,20 +22,6 @@ BATCHES = 6
 # --log-interval 2: the first micro-batch, every second one and the last
 LOG_STEPS = [1, 2, 4, 6]
 WINDOWS = [1, 1, 2, 2]  # micro-batches each logged step covers
-
-
-def make_image_folder(root):
-    """Two classes of 20x20 RGB images, 6 per class for training and 2 for validation."""
-    rng = np.random.default_rng(0)
-    yy, xx = np.mgrid[:20, :20]
-    shapes = {"circle": (yy - 10) ** 2 + (xx - 10) ** 2 < 40, "stripes": (xx // 3) % 2 == 0}
-    for split, count in (("train", 6), ("val", 2)):
-        for name, shape in shapes.items():
-            (root / split / name).mkdir(parents=True)
-            for i in range(count):
-                pixels = shape[..., None] * np.array([200, 120, 60]) + rng.integers(0, 50, (20, 20, 3))
-                Image.fromarray(pixels.clip(0, 255).astype(np.uint8)).save(root / split / name / f"{i}.png")
-    return root
 
 
 class FakeTerminal(io.StringIO):
@@ -53,14 +37,9 @@ def train_captured(args, stderr=None):
     return code, stdout.getvalue(), stderr.getvalue()
 
 
-def read_summary(path):
-    with open(path) as f:
-        return list(csv.DictReader(f))
-
-
 @pytest.fixture(scope="module")
 def data_dir(tmp_path_factory):
-    return make_image_folder(tmp_path_factory.mktemp("images"))
+    return make_image_folder(tmp_path_factory.mktemp("images"), val_per_class=2, classes=("circle", "stripes"))
 
 
 @pytest.fixture(scope="module")

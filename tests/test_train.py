@@ -1,5 +1,4 @@
 """End-to-end training on a tiny generated image folder: outputs, exact resume, validate/predict, and DDP."""
-import csv
 import datetime
 import json
 import os
@@ -7,19 +6,17 @@ import shutil
 import subprocess
 import sys
 
-import numpy as np
 import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-import yaml
-from PIL import Image
 from timm.optim import create_optimizer_v2
 
 from gcvimoe.cli import main
+from helpers import CLASSES, make_image_folder, read_summary
 from gcvimoe.data import create_loader
 from gcvimoe.models import model_from_checkpoint
-from gcvimoe.train.config import TrainConfig, build_config
+from gcvimoe.train.config import build_config
 from gcvimoe.train.distributed import DistInfo, check_expert_parallel_optimizer
 from gcvimoe.train.evaluate import evaluate
 from gcvimoe.train.trainer import EMA_COLUMNS, SUMMARY_COLUMNS, check_finite_loss
@@ -27,7 +24,6 @@ from gcvimoe.errors import GcvimoeError
 from gcvimoe.models import create_model
 from gcvimoe.moe.parallel import shard_experts_
 
-CLASSES = ("circle", "square", "stripes")
 # a half-width nano with 4 experts, CutMix and EMA: every state a resume must restore, a few seconds per epoch
 TINY = ["--model", "gcvimoe_nano", "--model-kwargs", "{embed_dim: 16}", "--num-experts", "4", "--img-size", "32",
         "--batch-size", "4", "--epochs", "2", "--warmup-epochs", "1", "--lr", "1e-3", "--workers", "0",
@@ -35,30 +31,6 @@ TINY = ["--model", "gcvimoe_nano", "--model-kwargs", "{embed_dim: 16}", "--num-e
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-
-def make_image_folder(root, train_per_class=6, val_per_class=3):
-    """Three visually different classes of 20x20 RGB images, with per-image noise."""
-    rng = np.random.default_rng(0)
-    yy, xx = np.mgrid[:20, :20]
-    shapes = {
-        "circle": ((yy - 10) ** 2 + (xx - 10) ** 2 < 40),
-        "square": (abs(yy - 10) < 6) & (abs(xx - 10) < 6),
-        "stripes": (xx // 3) % 2 == 0,
-    }
-    for split, count in (("train", train_per_class), ("val", val_per_class)):
-        for name in CLASSES:
-            folder = root / split / name
-            folder.mkdir(parents=True)
-            for i in range(count):
-                pixels = shapes[name][..., None] * np.array([200, 120, 60]) + rng.integers(0, 50, (20, 20, 3))
-                Image.fromarray(pixels.clip(0, 255).astype(np.uint8)).save(folder / f"{i}.png")
-    return root
-
-
-def read_summary(path):
-    with open(path) as f:
-        return list(csv.DictReader(f))
 
 
 @pytest.fixture(scope="module")

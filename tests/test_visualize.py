@@ -11,6 +11,7 @@ from PIL import Image
 from gcvimoe.analysis.routing import sample_across_classes
 from gcvimoe.analysis.style import layer_title
 from gcvimoe.cli import main
+from helpers import assert_one_error_line, run_cli
 from gcvimoe.cli._common import PlotCallback, train_loss_label
 from gcvimoe.data import build_transform, load_image, resolve_data_config
 from gcvimoe.models import create_model, model_from_checkpoint
@@ -156,22 +157,6 @@ def test_sampling_takes_every_class_evenly():
     assert chosen == sample_across_classes(targets, per_class=2, max_images=40)  # reproducible
     capped = sample_across_classes(list(range(100)), per_class=1, max_images=4)
     assert capped == [0, 25, 50, 75]
-
-
-def run_cli(capsys, *argv):
-    capsys.readouterr()
-    try:
-        code = main(list(argv))
-    except SystemExit as e:
-        code = e.code
-    return code, capsys.readouterr().err
-
-
-def assert_one_error_line(code, err, *fragments):
-    lines = [line for line in err.strip().splitlines() if line.strip()]
-    assert code == 2 and len(lines) == 1 and "Traceback" not in err, err
-    for fragment in fragments:
-        assert fragment in lines[0], lines[0]
 
 
 def test_dense_checkpoint_has_nothing_to_map(tmp_path, capsys):

@@ -9,8 +9,7 @@ import pytest
 import timm
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 import torch
-from test_cli_errors import assert_one_error_line, run_cli
-from test_train import CLASSES, make_image_folder, read_summary
+from helpers import CLASSES, assert_one_error_line, make_image_folder, read_summary, run_cli
 
 from gcvimoe.cli import main
 from gcvimoe.data import build_transform, create_dataset, create_loader, resolve_data_config
