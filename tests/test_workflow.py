@@ -240,3 +240,22 @@ def test_the_header_says_where_values_came_from_and_counts_cooldown(data_dir, tm
     assert "epochs 1 (from the command line)" in log and f"cooldown_epochs 1 (from config {recipe})" in log
     assert len(read_summary(output / "summary.csv")) == 2
     assert "in_chans 3 (from the data" in log  # RGB images, not grey
+
+
+def test_resume_auto_restarts_a_run_killed_before_its_first_checkpoint(data_dir, tmp_path, capsys):
+    """A kill during the first save leaves only the log and the config: --resume auto must start afresh there,
+    while a folder that holds a finished run's records stays refused."""
+    output = tmp_path / "run"
+    output.mkdir()
+    (output / "train.log").write_text("killed\n")
+    (output / "config.yaml").write_text("epochs: 1\n")
+    argv = ["train", "--data-dir", str(data_dir), "--model-kwargs", "{embed_dim: 16}", "--img-size", "32",
+            "--epochs", "1", "--batch-size", "9", "--threads", "1", "--no-tensorboard", "--output", str(output),
+            "--resume", "auto"]
+    assert main(argv) == 0
+    assert (output / "last.pth").is_file() and "killed" not in (output / "train.log").read_text()
+    (output / "last.pth").unlink()  # a finished run's summary.csv stays behind: that is a run of value
+    before = {p: p.read_bytes() for p in output.rglob("*") if p.is_file()}
+    code, err = run_cli(capsys, *argv)
+    assert_one_error_line(code, err, "holds a previous run")
+    assert {p: p.read_bytes() for p in output.rglob("*") if p.is_file()} == before

@@ -10,7 +10,9 @@ Examples::
     torchrun --nproc_per_node 2 -m gcvimoe train -c digits
 """
 import argparse
+import dataclasses
 import sys
+from pathlib import Path
 
 from gcvimoe.cli._common import PlotCallback, add_moe_options, metavar, moe_options
 from gcvimoe.errors import GcvimoeError, nearest
@@ -109,6 +111,17 @@ def _with_data(cfg):
         return None
 
 
+def _never_checkpointed(output: str) -> bool:
+    """Whether ``output`` holds only what a run killed before its first last.pth leaves: its log and config, and the
+    best.pth saved just before that last.pth (the restarted run writes the same one again). Anything else (a summary,
+    epoch checkpoints) is a run of value that --resume auto must not replace."""
+    from gcvimoe.train.trainer import RUN_FILES, epoch_checkpoints
+    folder = Path(output)
+    present = {name for name in RUN_FILES if (folder / name).exists()}
+    return bool(present) and present <= {"train.log", "config.yaml", "best.pth", "best"} \
+        and not epoch_checkpoints(folder)
+
+
 def run(args: argparse.Namespace) -> int:
     cfg, checkpoint, origins = config_from_args(args)
     if args.print_config:
@@ -117,5 +130,7 @@ def run(args: argparse.Namespace) -> int:
     from gcvimoe.train import train
     if args.resume == "auto" and checkpoint is None:
         print(f"resume auto: no last.pth in {cfg.output}, starting a new run")
+        if _never_checkpointed(cfg.output):
+            cfg = dataclasses.replace(cfg, overwrite=True)  # a job killed early must be able to restart
     train(cfg, resume=checkpoint, callbacks=[PlotCallback()], origins=origins)
     return 0
