@@ -808,8 +808,9 @@ def _variant(size: str, pretrained: bool, **kwargs) -> GlobalContextVit:
     model = _create_gcvimoe(f'gcvimoe_{size}', pretrained=pretrained, **model_args)
     # the registered input size is the variant's default; timm's data helpers read the built model's own
     in_chans, input_size = model_args.get('in_chans', 3), model.pretrained_cfg['input_size']
-    if input_size[0] != in_chans or tuple(input_size[1:]) != tuple(model.img_size):
-        model.pretrained_cfg = model.default_cfg = {**model.pretrained_cfg, 'input_size': (in_chans, *model.img_size)}
+    img_size = getattr(model, 'img_size', None)  # a features_only wrapper has none, and no data config to serve
+    if img_size is not None and (input_size[0] != in_chans or tuple(input_size[1:]) != tuple(img_size)):
+        model.pretrained_cfg = model.default_cfg = {**model.pretrained_cfg, 'input_size': (in_chans, *img_size)}
     # what a checkpoint needs to rebuild this model: the name and the arguments that differ from the variant's
     model.model_name = f'gcvimoe_{size}'
     moe_options = {k: v for k, v in kwargs.items() if k in moe_config_fields}
