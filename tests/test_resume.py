@@ -109,3 +109,16 @@ def test_save_interval_forms():
     for bad in ("10 minutes", "1.5", "-3"):
         with pytest.raises(ValueError, match="--save-interval"):
             parse_save_interval(bad)
+
+
+def test_tensorboard_keeps_no_step_twice_after_a_resume(tmp_path):
+    """The killed run logged steps past its last save; the resumed run re-runs them, and TensorBoard keeps one copy."""
+    event_accumulator = pytest.importorskip("tensorboard.backend.event_processing.event_accumulator")
+    with pytest.raises(RuntimeError, match="killed"):
+        _run(tmp_path, callbacks=[StopAt(1, 12)], save_interval="5", tensorboard=True, epochs=2)
+    _run(tmp_path, resume=True, save_interval="5", tensorboard=True, epochs=2)
+    events = event_accumulator.EventAccumulator(str(tmp_path / "tensorboard"))
+    events.Reload()
+    steps = [event.step for event in events.Scalars("step/loss")]
+    assert steps == sorted(set(steps)) and steps[-1] == 2 * 29
+    assert [event.step for event in events.Scalars("epoch/eval_top1")] == [1, 2]

@@ -270,14 +270,14 @@ class ScalarLog:
             self.wandb_run.finish()
 
 
-def _tensorboard_writer(output_dir: Path):
+def _tensorboard_writer(output_dir: Path, purge_step: Optional[int]):
     try:
         from torch.utils.tensorboard import SummaryWriter
     except ImportError:
         _logger.info("tensorboard: not installed, no TensorBoard logs (pip install tensorboard, or --no-tensorboard)")
         return None
     _logger.info("tensorboard: tensorboard --logdir %s", output_dir / "tensorboard")
-    return SummaryWriter(str(output_dir / "tensorboard"))
+    return SummaryWriter(str(output_dir / "tensorboard"), purge_step=purge_step)
 
 
 def _wandb_run(output_dir: Path, config: Dict[str, Any]):
@@ -299,13 +299,17 @@ def _wandb_run(output_dir: Path, config: Dict[str, Any]):
 
 
 @contextmanager
-def scalar_log(output_dir: Path, info: DistInfo, tensorboard: bool, wandb_config: Optional[Dict[str, Any]]):
+def scalar_log(output_dir: Path, info: DistInfo, tensorboard: bool, wandb_config: Optional[Dict[str, Any]],
+               purge_step: Optional[int] = None):
     """A :class:`ScalarLog` writing to TensorBoard (when ``tensorboard`` and installed) and to W&B (when
-    ``wandb_config`` is given and wandb installed) on the primary process; closed on leaving the block."""
+    ``wandb_config`` is given and wandb installed) on the primary process; closed on leaving the block.
+
+    ``purge_step`` (a resumed run's first step) has TensorBoard drop what a killed run wrote from that step on, so
+    the steps it re-runs do not appear twice."""
     log = ScalarLog()
     try:
         if info.is_primary:
-            log.tensorboard = _tensorboard_writer(output_dir) if tensorboard else None
+            log.tensorboard = _tensorboard_writer(output_dir, purge_step) if tensorboard else None
             log.wandb_run = _wandb_run(output_dir, wandb_config) if wandb_config is not None else None
         yield log
     finally:

@@ -614,7 +614,8 @@ def _train(run: Run, state: TrainState, resumed: bool, callbacks: Sequence[Callb
             _repair_after_kill(run.output_dir, state)
     wandb_config = run.cfg.to_dict() if run.cfg.log_wandb else None
     with _log_to(run.output_dir, run.info, append=resumed), \
-            scalar_log(run.output_dir, run.info, run.cfg.tensorboard, wandb_config) as writer:
+            scalar_log(run.output_dir, run.info, run.cfg.tensorboard, wandb_config,
+                       purge_step=_first_step(run, state) if resumed else None) as writer:
         _log_header(run, state)
         prepare_data(run, resumed)
         eval_result: Dict[str, Any] = {}
@@ -634,6 +635,11 @@ def _train(run: Run, state: TrainState, resumed: bool, callbacks: Sequence[Callb
                          state.best_epoch, run.output_dir, run.output_dir / "model")
         return TrainResult(run.output_dir, state.history, state.best_top1, state.best_epoch, state.train_seconds,
                            eval_result, initial_eval)
+
+
+def _first_step(run: Run, state: TrainState) -> int:
+    """The step axis value of the first micro-batch this run trains (see :func:`_log_step`)."""
+    return state.epoch * batches_per_epoch(run.train_loader) + state.batch + 1
 
 
 def _repair_after_kill(output_dir: Path, state: TrainState) -> None:
