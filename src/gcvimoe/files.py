@@ -11,7 +11,7 @@ import os
 import shutil
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Dict, Iterator, List, Union
+from typing import Any, Dict, Iterator, List, Optional, Union
 
 from gcvimoe.errors import GcvimoeError
 
@@ -141,17 +141,19 @@ def atomic_dir(path: PathLike) -> Iterator[Path]:
         _write_failed(e, path, tmp)
 
 
-def write_records(path: PathLike, records: List[Dict[str, Any]]) -> Path:
-    """Write result rows atomically as ``.json`` (a list of objects) or ``.csv`` (a header of every key, in order of
-    first appearance); any other suffix is a one-line error."""
+def write_records(path: PathLike, records: List[Dict[str, Any]], columns: Optional[List[str]] = None) -> Path:
+    """Write result rows atomically as ``.json`` (a list of objects) or ``.csv``; any other suffix is a one-line
+    error. A CSV's header is ``columns`` (keys outside it are left out), else every key in order of first appearance.
+    """
     path = Path(path)
     if path.suffix not in (".json", ".csv"):
         raise GcvimoeError(f"--results-file {path} must end in .json or .csv")
     if path.suffix == ".json":
         return write_text(path, json.dumps(records, indent=1) + "\n")
-    columns = list(dict.fromkeys(key for record in records for key in record))
+    if columns is None:
+        columns = list(dict.fromkeys(key for record in records for key in record))
     with atomic_path(path) as tmp, open(tmp, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=columns)
+        writer = csv.DictWriter(f, fieldnames=columns, extrasaction="ignore")
         writer.writeheader()
         writer.writerows(records)
     return path

@@ -18,7 +18,7 @@ from gcvimoe.cli._common import PlotCallback, add_moe_options, metavar, moe_opti
 from gcvimoe.errors import GcvimoeError, nearest
 from gcvimoe.moe import config as moe_config
 from gcvimoe.train.config import (
-    FIELD_TYPES, FIELDS, TrainConfig, build_config, builtin_configs, config_origins, config_yaml, parse_cli_value)
+    FIELD_TYPES, FIELDS, TrainConfig, build_config, builtin_configs, config_yaml, parse_cli_value)
 from gcvimoe.train.state import find_resume_checkpoint, load_training_checkpoint
 
 _GROUPS = (
@@ -91,15 +91,16 @@ def config_from_args(args: argparse.Namespace):
     """The effective config, the checkpoint to resume from (or None), and where each non-default value came from."""
     overrides = {name: parse_cli_value(name, getattr(args, name)) for name in FIELDS if hasattr(args, name)}
     overrides.update(moe_options(args))
-    cfg = build_config(args.config, overrides)
-    checkpoint, base = None, None
+    origins: dict = {}
+    cfg = build_config(args.config, overrides, origins=origins)
+    checkpoint = None
     if args.resume:
         path = find_resume_checkpoint(args.resume, cfg.output)
         if path is not None:
             checkpoint = load_training_checkpoint(path)
-            base = checkpoint.get("config")
-            cfg = build_config(args.config, overrides, base=base)
-    return cfg, checkpoint, config_origins(args.config, overrides, base=base)
+            origins.clear()
+            cfg = build_config(args.config, overrides, base=checkpoint.get("config"), origins=origins)
+    return cfg, checkpoint, origins
 
 
 def _with_data(cfg):
@@ -111,26 +112,15 @@ def _with_data(cfg):
         return None
 
 
-def _never_checkpointed(output: str) -> bool:
-    """Whether ``output`` holds only what a run killed before its first last.pth leaves: its log and config, and the
-    best.pth saved just before that last.pth (the restarted run writes the same one again). Anything else (a summary,
-    epoch checkpoints) is a run of value that --resume auto must not replace."""
-    from gcvimoe.train.trainer import RUN_FILES, epoch_checkpoints
-    folder = Path(output)
-    present = {name for name in RUN_FILES if (folder / name).exists()}
-    return bool(present) and present <= {"train.log", "config.yaml", "best.pth", "best"} \
-        and not epoch_checkpoints(folder)
-
-
 def run(args: argparse.Namespace) -> int:
     cfg, checkpoint, origins = config_from_args(args)
     if args.print_config:
         print(config_yaml(cfg, _with_data(cfg)), end="")
         return 0
-    from gcvimoe.train import train
+    from gcvimoe.train.trainer import never_checkpointed, train
     if args.resume == "auto" and checkpoint is None:
         print(f"resume auto: no last.pth in {cfg.output}, starting a new run")
-        if _never_checkpointed(cfg.output):
+        if never_checkpointed(Path(cfg.output)):
             cfg = dataclasses.replace(cfg, overwrite=True)  # a job killed early must be able to restart
     train(cfg, resume=checkpoint, callbacks=[PlotCallback()], origins=origins)
     return 0

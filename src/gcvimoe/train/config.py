@@ -427,6 +427,7 @@ def build_config(
         config_file: Optional[str] = None,
         cli_overrides: Optional[Mapping[str, Any]] = None,
         base: Optional[Mapping[str, Any]] = None,
+        origins: Optional[Dict[str, str]] = None,
 ) -> TrainConfig:
     """Build the effective config: defaults, then ``base`` (a resumed run's config), the YAML file, the CLI.
 
@@ -434,15 +435,25 @@ def build_config(
         config_file: Path of a YAML file or the name of a built-in config, or None.
         cli_overrides: Already-typed values from the command line.
         base: A saved config dict (from a checkpoint) applied before the file.
+        origins: When given, filled with where each value that differs from the default came from:
+            ``{"epochs": "the command line", "moe.top_k": "config digits", ...}``, for the run's header.
     """
+    layers = (
+        (base, "the checkpoint's config", "the resumed run", True),
+        (load_yaml(config_file) if config_file else None, str(config_file), f"config {config_file}", False),
+        (cli_overrides, "the command line", "the command line", True),
+    )
     cfg = TrainConfig()
-    if base:
-        cfg = apply_overrides(cfg, base, "the checkpoint's config")
-    if config_file:
-        cfg = apply_overrides(cfg, load_yaml(config_file), str(config_file), flat_moe_ok=False)
-    if cli_overrides:
-        cfg = apply_overrides(cfg, cli_overrides, "the command line")
+    found: Dict[str, str] = {}
+    for values, source, label, flat_moe_ok in layers:
+        if values:
+            before = _flat(cfg)
+            cfg = apply_overrides(cfg, values, source, flat_moe_ok=flat_moe_ok)
+            found.update({key: label for key, value in _flat(cfg).items() if value != before[key]})
     check_values(cfg)
+    if origins is not None:
+        final, default = _flat(cfg), _flat(TrainConfig())
+        origins.update({key: label for key, label in found.items() if final[key] != default[key]})
     return cfg
 
 
@@ -450,28 +461,6 @@ def _flat(cfg: TrainConfig) -> Dict[str, Any]:
     values = cfg.to_dict()
     moe = values.pop("moe")
     return {**values, **{f"moe.{key}": value for key, value in moe.items()}}
-
-
-def config_origins(
-        config_file: Optional[str] = None,
-        cli_overrides: Optional[Mapping[str, Any]] = None,
-        base: Optional[Mapping[str, Any]] = None,
-) -> Dict[str, str]:
-    """Where each value that differs from the default came from, applying the layers as :func:`build_config` does:
-    ``{"epochs": "the command line", "moe.top_k": "config digits", ...}``, for the run's header."""
-    layers = (("the resumed run", base), (f"config {config_file}", load_yaml(config_file) if config_file else None),
-              ("the command line", cli_overrides))
-    cfg, origins = TrainConfig(), {}
-    default = _flat(cfg)
-    with warnings.catch_warnings():  # build_config has warned about these already
-        warnings.simplefilter("ignore")
-        for label, values in layers:
-            if values:
-                before = _flat(cfg)
-                cfg = apply_overrides(cfg, values, label)
-                origins.update({key: label for key, value in _flat(cfg).items() if value != before[key]})
-    final = _flat(cfg)
-    return {key: label for key, label in origins.items() if final[key] != default[key]}
 
 
 DATA_DERIVED = ("img_size", "in_chans", "workers")  # null in a config: decided by the data and the machine at start

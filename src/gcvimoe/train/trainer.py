@@ -31,7 +31,6 @@ share of token-to-expert assignments dropped for capacity in training), ``last.p
 ``log_interval`` steps and one per epoch), and ``tensorboard/`` when tensorboard is installed (see
 :mod:`gcvimoe.train.progress`); the command line's plotting callback adds ``curves.png`` and ``expert_usage.png``.
 """
-import csv
 import dataclasses
 import logging
 import math
@@ -59,7 +58,7 @@ from torch.nn.parallel import DistributedDataParallel
 from gcvimoe.data import (
     DataConfig, batches_per_epoch, build_transform, create_dataset, create_loader, resolve_data_config, set_epoch)
 from gcvimoe.errors import GcvimoeError, did_you_mean
-from gcvimoe.files import atomic_dir, atomic_path
+from gcvimoe.files import atomic_dir, atomic_path, write_records
 from gcvimoe.models import (
     Checkpoint, build_model, experts_per_layer, load_initial_weights, model_from_checkpoint, read_checkpoint, save_model)
 from gcvimoe.moe import collect_aux_loss, collect_moe_report
@@ -233,11 +232,8 @@ def _output_dir(cfg: TrainConfig) -> Path:
 
 def _write_summary(history: List[Dict[str, float]], path: Path) -> None:
     columns = list(SUMMARY_COLUMNS) + [c for c in EMA_COLUMNS if history and c in history[0]]
-    with atomic_path(path) as tmp, open(tmp, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=columns, extrasaction="ignore")
-        writer.writeheader()
-        for row in history:
-            writer.writerow({k: (f"{v:.8g}" if isinstance(v, float) else v) for k, v in row.items()})
+    rows = [{k: (f"{v:.8g}" if isinstance(v, float) else v) for k, v in row.items()} for row in history]
+    write_records(path, rows, columns)
 
 
 def _optimizer_step(run: Run, num_updates: int) -> int:
@@ -362,7 +358,7 @@ def _log_step(run: Run, meter: StepMeter, writer: ScalarLog, epoch: int, batch_i
     first = meter.batches_read
     check_finite_loss(meter.loss_sum, run.info, f"in epoch {epoch + 1}, batches {first + 1} to {batch_idx + 1}")
     record, experts = meter.read(batch_idx)
-    step = epoch * batches_per_epoch(run.train_loader) + batch_idx + 1
+    step = epoch * meter.num_batches + batch_idx + 1
     writer.add("step", step, {**record, "lr": meter.step_lrs[-1], **expert_load_scalars(experts)})
     if run.info.is_primary and run.callbacks:
         for step_idx, step_record in meter.steps(first, batch_idx):
@@ -380,7 +376,7 @@ def train(cfg: TrainConfig, resume: Optional[Dict[str, Any]] = None, callbacks: 
         cfg: The run's config.
         resume: A training checkpoint's dict (:func:`gcvimoe.train.state.load_training_checkpoint`), or None.
         callbacks: Called on the primary process after every epoch and at the end (plots, for instance).
-        origins: Where each non-default config value came from (:func:`gcvimoe.train.config.config_origins`), for
+        origins: Where each non-default config value came from (``origins`` of :func:`gcvimoe.train.config.build_config`), for
             the run's header.
     """
     threads = torch.get_num_threads()
@@ -440,11 +436,19 @@ def epoch_checkpoints(output_dir: Path) -> List[Path]:
     return [p for _, p in sorted(found)]
 
 
+def never_checkpointed(output_dir: Path) -> bool:
+    """Whether ``output_dir`` holds only what a run killed before its first last.pth leaves: its log and config, and
+    the best.pth saved just before that last.pth (the restarted run writes the same one again). Anything else (a
+    summary, epoch checkpoints) is a run of value that must not be replaced without --overwrite."""
+    present = {name for name in RUN_FILES if (output_dir / name).exists()}
+    return bool(present) and present <= {"train.log", "config.yaml", "best.pth", "best"} \
+        and not epoch_checkpoints(output_dir)
+
+
 def _check_output_dir(output_dir: Path, resumed: bool, overwrite: bool) -> None:
     """Never destroy a previous run silently: its folder is refused unless the run resumes it or ``overwrite``
-    says to replace it (its checkpoints and model folder are removed first, so no stale best.pth survives)."""
-    if output_dir.exists() and not output_dir.is_dir():
-        raise GcvimoeError(f"--output {output_dir} is a file; name a folder")
+    says to replace it (its checkpoints and model folder are removed first, so no stale best.pth survives). An
+    ``--output`` that is a file is :func:`gcvimoe.train.checks.check_output_folder`'s to report."""
     previous = [name for name in RUN_FILES if (output_dir / name).exists()]
     if not previous or resumed:
         return
