@@ -34,7 +34,8 @@ TIMEOUT = 5  # seconds: the heartbeat names a stopped process after 80 % of it, 
 WORKER = textwrap.dedent("""
     import os, signal, sys, time
     import torch, torch.distributed as dist
-    from gcvimoe.train.distributed import EXIT_LOST_PROCESS, collective_failure, init_distributed, is_collective_failure
+    from gcvimoe.train.distributed import (
+        EXIT_LOST_PROCESS, cleanup, collective_failure, init_distributed, is_collective_failure)
     torch.set_num_threads(1)
     info = init_distributed("cpu", timeout=float(sys.argv[2]))
     value = torch.ones(1)
@@ -50,6 +51,7 @@ WORKER = textwrap.dedent("""
         except RuntimeError as e:
             assert is_collective_failure(e, info)
             print(f"error: {collective_failure(e, info)}", file=sys.stderr)
+            cleanup(info)  # as train() does: exiting with the heartbeat thread inside a store call can abort
             sys.exit(EXIT_LOST_PROCESS)
         time.sleep(0.01)
 """)
