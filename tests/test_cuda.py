@@ -53,28 +53,68 @@ def test_moe_layer_cuda_fp32_equals_cpu(kwargs):
     assert gpu.stats.tokens_per_expert.tolist() == cpu.stats.tokens_per_expert.tolist()
 
 
-@pytest.mark.skipif(torch.cuda.is_available() and torch.cuda.get_device_capability() < (8, 0),
-                    reason="grouped GEMM needs SM 8.0+")
-def test_moe_layer_bf16_autocast_uses_grouped_gemm(monkeypatch):
-    """bf16 autocast runs the experts as grouped GEMMs; output and gradients stay within bf16 error of fp32."""
+needs_grouped_gemm = pytest.mark.skipif(torch.cuda.is_available() and torch.cuda.get_device_capability() < (8, 0),
+                                        reason="grouped GEMM needs SM 8.0+")
+
+
+@needs_grouped_gemm
+@pytest.mark.parametrize("capacity_factor", [0., 0.75])
+def test_moe_layer_bf16_autocast_uses_grouped_gemm(monkeypatch, capacity_factor):
+    """bf16 autocast runs the experts as grouped GEMMs; output and gradients stay within bf16 error of fp32, also
+    with a tail of dropped rows (capacity 0.75), which the grouped GEMM computes through the last expert."""
     calls = []
-    grouped_linear = experts_module._grouped_linear
-    monkeypatch.setattr(experts_module, '_grouped_linear', lambda *a: calls.append(1) or grouped_linear(*a))
-    layer = MoE(256, 512, num_experts=8, top_k=2, capacity_factor=0.).cuda()
-    x = torch.randn(4096, 256, device='cuda')
+    grouped_forward = experts_module.Experts._grouped_mm_forward
+    monkeypatch.setattr(experts_module.Experts, '_grouped_mm_forward',
+                        lambda *a: calls.append(1) or grouped_forward(*a))
+    layer = MoE(256, 512, num_experts=8, top_k=2, capacity_factor=capacity_factor).cuda()
+    x = torch.randn(4096, 256, device='cuda', requires_grad=True)
     reference = layer(x)
     reference.square().sum().backward()
-    grads_fp32 = _grads(layer)
-    assert not calls  # fp32 takes the chunked path
+    grads_fp32, x_grad_fp32 = _grads(layer), x.grad.clone()
+    assert not calls  # fp32 takes the plain path
+    assert (layer.stats.dropped_fraction > 0.1) == (capacity_factor > 0)
     layer.zero_grad()
+    x.grad = None
     with torch.autocast('cuda', dtype=torch.bfloat16):
         out = layer(x)
     out.float().square().sum().backward()
-    assert len(calls) == 2 and out.dtype == torch.bfloat16
-    assert torch.isfinite(out).all()
+    assert len(calls) == 1 and out.dtype == torch.bfloat16
+    assert torch.isfinite(out).all() and torch.isfinite(x.grad).all()
     assert _relative_error(out, reference) < 2e-2
+    assert _relative_error(x.grad, x_grad_fp32) < 2e-2
     for name, grad in _grads(layer).items():
         assert _relative_error(grad, grads_fp32[name]) < 5e-2, name
+
+
+@needs_grouped_gemm
+@pytest.mark.parametrize("router, top_k", [("linear", 1), ("linear", 2), ("cosine", 1), ("expert_choice", 1)])
+@pytest.mark.parametrize("capacity_factor", [1.25, 0.])
+def test_moe_step_waits_for_the_gpu_nowhere(router, top_k, capacity_factor):
+    """No host sync in a bf16 train step (forward, aux loss, backward) or in eval: sync debug mode raises on one."""
+    layer = MoE(256, 512, num_experts=8, top_k=top_k, router=router, capacity_factor=capacity_factor,
+                gate_noise=0. if router == 'expert_choice' else 1.0, z_loss_weight=1e-3).cuda()
+    x = torch.randn(4, 1024, 256, device='cuda', requires_grad=True)
+
+    def train_step():
+        layer.train()
+        with torch.autocast('cuda', dtype=torch.bfloat16):
+            loss = layer(x).float().square().mean() + layer.aux_loss
+        loss.backward()
+
+    def eval_step():
+        layer.eval()
+        with torch.no_grad(), torch.autocast('cuda', dtype=torch.bfloat16):
+            layer(x)
+
+    train_step(), eval_step()  # first calls: library handles, lazy initialisation
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        train_step()
+        eval_step()
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+    assert layer.router.weight.grad is not None and torch.isfinite(layer.router.weight.grad).all()
 
 
 def test_dense_backbone_cuda_equals_timm():

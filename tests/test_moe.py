@@ -401,6 +401,29 @@ def test_grouped_mm_path_matches_the_chunked_kernel():
         torch.testing.assert_close(chunked, grouped)
 
 
+@pytest.mark.parametrize('bias', [True, (True, False), (False, True), False])
+def test_grouped_mm_path_folds_the_biases_exactly(bias):
+    """The grouped-GEMM path adds fc1's bias inside the GEMM and fc2's per token after the combine; outputs and every
+    gradient equal the plain path's, with a tail of dropped rows (never written by the grouped GEMM) and an empty
+    expert."""
+    torch.manual_seed(0)
+    experts = Experts(4, 8, 16, 8, bias=bias)
+    x, _, token_index, gates = _expert_inputs()
+    tokens_per_expert = torch.tensor([3, 0, 2, 2])  # 7 of the 9 rows kept: the last two are the dropped tail
+    gates = torch.where(torch.arange(9) < 7, gates.detach(), 0).requires_grad_()
+    grad = torch.randn(6, 8)
+    results = []
+    for use_grouped_mm in (False, True):
+        experts.zero_grad()
+        x.grad = gates.grad = None
+        params = [experts.fc1_weight, experts.fc1_bias, experts.fc2_weight, experts.fc2_bias]
+        out = experts._rows_forward(x, params, tokens_per_expert, token_index, gates, use_grouped_mm=use_grouped_mm)
+        out.backward(grad)
+        results.append((out, x.grad, gates.grad, *(p.grad.clone() for p in experts.parameters())))
+    for plain, grouped in zip(*results):
+        torch.testing.assert_close(grouped, plain)
+
+
 # segments of 3, 4 and 2 rows: cut over several chunks (2), the last two sharing a chunk (6), all in one (2048);
 # GELU takes the dropout into its saved input, tanh-GELU (whose derivative is NaN far left) keeps masks
 @pytest.mark.parametrize('chunk_rows', [2, 6, 2048])

@@ -98,15 +98,18 @@ def plan_dispatch(routing: Routing, num_experts: int, capacity: Optional[int],
                         requested_per_expert=requested, kept=keep)
 
 
-def combine(expert_out: Tensor, token_index: Tensor, num_tokens: int) -> Tensor:
+def combine(expert_out: Tensor, token_index: Tensor, num_tokens: int, start: Optional[Tensor] = None) -> Tensor:
     """Sum the (already gated) expert outputs of every token; a token without a kept assignment gets zeros.
 
     Args:
         expert_out: Gated expert outputs ``[n, d]``.
         token_index: Token of each row ``[n]``.
         num_tokens: Tokens ``t``.
+        start: What the sums start from ``[t, d]`` instead of zeros (it is added to, not modified).
 
     Returns:
         The MoE output ``[t, d]``.
     """
-    return expert_out.new_zeros(num_tokens, expert_out.shape[-1]).index_add_(0, token_index, expert_out)
+    if start is None:
+        return expert_out.new_zeros(num_tokens, expert_out.shape[-1]).index_add_(0, token_index, expert_out)
+    return start.to(expert_out.dtype).index_add(0, token_index, expert_out)

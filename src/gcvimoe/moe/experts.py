@@ -4,7 +4,7 @@ The weights are stacked tensors (``fc1_weight [e, d, h]``, ``fc2_weight [e, h, d
 ``fc1_weight[i] = mlp.fc1.weight.T`` for a timm ``Mlp``. The experts take the dispatch plan (token indices grouped
 by expert) and return the gated, combined output per token, so no padding slot is ever computed.
 
-Paths, in order of preference: two ``F.grouped_mm`` calls (CUDA, bf16); the CPU expert kernel when
+Paths, in order of preference: two ``F.grouped_mm`` calls (CUDA, bf16), biases folded into matrix products; the CPU expert kernel when
 :mod:`gcvimoe.kernels` has it on (eager CPU); otherwise the plain path, grouped GEMMs as custom operators
 (:mod:`gcvimoe.moe.grouped`) that autograd differentiates and ``torch.compile`` keeps in one graph. Rows after the
 last expert's (assignments dropped by capacity) produce nothing on every path.
@@ -156,20 +156,16 @@ class Experts(nn.Module):
     def _rows_forward(self, x, params, tokens_per_expert, token_index, gates, use_grouped_mm=None):
         """Gather, grouped GEMMs, activation, dropout, gate, combine; every shape depends on ``x`` and
         ``token_index`` alone, so it compiles into one graph. The GEMMs are two ``F.grouped_mm`` calls on CUDA in bf16
-        (with fp32 biases, see :func:`_add_bias`), else the custom operators of :mod:`gcvimoe.moe.grouped`;
-        ``use_grouped_mm`` overrides that choice (``F.grouped_mm`` also runs eagerly on the CPU in fp32)."""
+        (:meth:`_grouped_mm_forward`), else the custom operators of :mod:`gcvimoe.moe.grouped`; ``use_grouped_mm``
+        overrides that choice (``F.grouped_mm`` also runs eagerly on the CPU in fp32)."""
+        if _grouped_mm_supported(x, params[0]) if use_grouped_mm is None else use_grouped_mm:
+            return self._grouped_mm_forward(x, params, tokens_per_expert, token_index, gates)
         fc1_weight, fc1_bias, fc2_weight, fc2_bias = params
-        if _grouped_mm_supported(x, fc1_weight) if use_grouped_mm is None else use_grouped_mm:
-            offsets = tokens_per_expert.cumsum(0).to(torch.int32)
-            fc1_bias, fc2_bias = self.fc1_bias, self.fc2_bias  # kept in the parameters' dtype
-
-            def matmul(rows: Tensor, weight: Tensor) -> Tensor:
-                return F.grouped_mm(rows, weight, offs=offsets)
-        else:
-            def matmul(rows: Tensor, weight: Tensor) -> Tensor:
-                return grouped_mm(rows, weight, tokens_per_expert)
         num_rows = token_index.shape[0]
         row_expert = group_of_rows(tokens_per_expert, num_rows)
+
+        def matmul(rows: Tensor, weight: Tensor) -> Tensor:
+            return grouped_mm(rows, weight, tokens_per_expert)
         hidden = _add_bias(matmul(x.index_select(0, token_index), fc1_weight), fc1_bias, row_expert)
         out = _add_bias(matmul(self._hidden_dropout(self.act(hidden)), fc2_weight), fc2_bias, row_expert)
         # rows past the last expert's (the tail of dropped assignments) get nothing
@@ -177,6 +173,41 @@ class Experts(nn.Module):
         if gates is not None:
             out = out * gates.unsqueeze(1)
         return combine(out, token_index, x.shape[0])
+
+    def _grouped_mm_forward(self, x, params, tokens_per_expert, token_index, gates):
+        """Two ``F.grouped_mm`` calls, with the biases folded into matrix products instead of passes over the rows:
+        ``[n, h]`` and ``[n, d]`` bias adds would cost more memory traffic than the GEMMs' epilogues a dense ``Linear``
+        gets them in.
+
+        - fc1's bias is one more weight row ``[e, d + 8, h]``, met by a column of ones appended to the tokens
+          (``+ 8``: grouped GEMM rows must be 16-byte aligned). Its gradient is that row's, summed inside the GEMM
+          in fp32.
+        - fc2's bias is the same for every row of an expert, so a token's gated share of it is
+          ``gates [t, e] @ bias [e, d]``: the combine starts from that instead of from zeros.
+        - The tail of dropped rows runs through the last expert with gate 0. ``F.grouped_mm`` leaves rows past the
+          last offset unwritten, in its output and in its input gradient; computed rows are finite, and the gate
+          zeroes them and their gradients.
+        """
+        fc1_weight, fc1_bias, fc2_weight, fc2_bias = params
+        num_tokens, num_rows = x.shape[0], token_index.shape[0]
+        offsets = torch.cat([tokens_per_expert.cumsum(0)[:-1], tokens_per_expert.new_full((1,), num_rows)])
+        offsets = offsets.to(torch.int32)
+        kept = rows_in_groups(tokens_per_expert, num_rows)
+        gates = kept.to(x.dtype) if gates is None else torch.where(kept, gates, 0)
+        if fc1_bias is not None:
+            ones_column = (torch.arange(8, device=x.device) == 0).to(x.dtype)  # built on the device: no copy to it
+            x = torch.cat([x, ones_column.expand(num_tokens, 8)], 1)
+            fc1_weight = torch.cat([fc1_weight, fc1_bias[:, None], fc1_weight.new_zeros(self.num_experts, 7,
+                                                                                         fc1_weight.shape[-1])], 1)
+        hidden = F.grouped_mm(x.index_select(0, token_index), fc1_weight, offs=offsets)
+        out = F.grouped_mm(self._hidden_dropout(self.act(hidden)), fc2_weight, offs=offsets) * gates.unsqueeze(1)
+        start = None
+        if fc2_bias is not None:
+            row_expert = group_of_rows(tokens_per_expert, num_rows)
+            token_gates = out.new_zeros(num_tokens * self.num_experts).index_add_(
+                0, token_index * self.num_experts + row_expert, gates)
+            start = token_gates.view(num_tokens, self.num_experts) @ fc2_bias
+        return combine(out, token_index, num_tokens, start=start)
 
     def load_from_mlp(self, mlp: nn.Module, noise_std: float = 0.) -> None:
         """Copy a timm ``Mlp`` into every expert (sparse upcycling): ``fc1_weight[i] = mlp.fc1.weight.T`` etc.
