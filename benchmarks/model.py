@@ -1,6 +1,7 @@
 """gcvimoe_tiny (8 experts, top-1) vs our dense tiny vs timm's gcvit_tiny: one process, 224 px, fp32 CPU.
 
-    python benchmarks/model.py [--batch 8 [16 32 ...]] [--rounds 7] [--repeats 5]
+    python benchmarks/model.py [--batch 8 [16 32 ...]] [--rounds 7] [--repeats 5] [--compiled]
+    python benchmarks/model.py --device cuda --batch 128      # bf16 on a GPU: MoE vs dense twin, eager and compiled
 
 Inference gets twice the rounds of the train step (a third of its cost per step), as in benchmarks/backbone.py.
 
@@ -52,7 +53,12 @@ def main() -> None:
     parser.add_argument('--repeats', type=int, default=1, help="repeat every measurement; tables give ranges")
     parser.add_argument('--compiled', action='store_true',
                         help="also compare torch.compile'd MoE with the compiled dense twin and with eager MoE")
+    parser.add_argument('--device', default='cpu', help="cpu (fp32, three models) or cuda (bf16, MoE vs dense twin)")
+    parser.add_argument('--compiled-only', action='store_true', help="cuda: time only the compiled train step")
     args = parser.parse_args()
+    if args.device.startswith('cuda'):
+        main_cuda(args)
+        return
     lines = [
         '## GCViMoE-tiny vs our dense tiny vs timm gcvit_tiny (`benchmarks/model.py`)',
         '',
@@ -137,6 +143,54 @@ def run_compiled(batch: int, rounds: int, repeats: int = 1) -> list:
         print(row, flush=True)
         rows.append(row)
     return rows
+
+
+def cuda_step(model, x, y, train: bool) -> None:
+    with torch.autocast('cuda', dtype=torch.bfloat16):
+        if train:
+            train_step(model, x, y)
+        else:
+            infer_step(model, x, y)
+    torch.cuda.synchronize()
+
+
+def main_cuda(args) -> None:
+    """bf16 autocast on a GPU: gcvimoe_tiny (E=8, k=1) against its dense twin, eager and ``torch.compile``'d."""
+    lines = [
+        '## GCViMoE-tiny vs its dense twin on a GPU (`benchmarks/model.py --device cuda`)',
+        '',
+        f"Latest run: {machine()}; 224 px, bf16 autocast, fp32 weights; {args.repeats} repeat(s) of {args.rounds} "
+        "interleaved rounds. Train step = forward + cross-entropy + aux loss + backward. Time ratio MoE / dense = "
+        "ratio of median times; the range is over repeats. Target: the compiled train step at most 1.25x the compiled "
+        "dense twin.",
+        '',
+        '| batch | mode | MoE img/s | dense img/s | MoE / dense | range |',
+        '|---|---|---|---|---|---|',
+    ]
+    for batch in args.batch:
+        torch.manual_seed(0)
+        x = torch.randn(batch, 3, 224, 224, device='cuda')
+        y = torch.randint(0, 1000, (batch,), device='cuda')
+        modes = ((True, True),) if args.compiled_only else ((False, False), (False, True), (True, True))
+        for compiled, train in modes:
+            torch._dynamo.reset()
+            models = {}
+            for label, kwargs in (('MoE', dict(num_experts=8, top_k=1)), ('dense', dict(num_experts=0))):
+                torch.manual_seed(0)
+                model = timm.create_model('gcvimoe_tiny', **kwargs).cuda().train(train)
+                models[label] = torch.compile(model, fullgraph=True) if compiled else model
+            results = []
+            for _ in range(args.repeats):
+                times = interleaved_times({label: functools.partial(cuda_step, m, x, y, train)
+                                           for label, m in models.items()}, rounds=args.rounds, warmup=3)
+                results.append((median(times['MoE']), median(times['dense'])))
+            moe, dense = results[-1]
+            mode = ('compiled ' if compiled else 'eager ') + ('train step' if train else 'inference')
+            row = (f"| {batch} | {mode} | {batch / moe:.0f} | {batch / dense:.0f} | **{moe / dense:.3f}** "
+                   f"| {_range([m / d for m, d in results])} |")
+            print(row, flush=True)
+            lines.append(row)
+            write_section('model_cuda', '\n'.join(lines))  # row by row: a run stopped while compiling keeps the rest
 
 
 if __name__ == '__main__':
