@@ -30,17 +30,6 @@ def _grouped_mm_supported(x: Tensor, weight: Tensor) -> bool:
             and torch.cuda.get_device_capability(x.device) >= (8, 0))
 
 
-def _add_bias(out: Tensor, bias: Optional[Tensor], row_expert: Tensor) -> Tensor:
-    """``out + bias[expert of each row]`` in ``out``'s dtype: one pass over the rows, with no fp32 copy of them.
-
-    The bias is gathered in its own (fp32) precision and then cast, so autograd casts the rows' gradient to fp32
-    before the gather's backward sums it per expert: the bias gradient accumulates in fp32 as a dense layer's does
-    (summed in bf16 it drifts by several per cent)."""
-    if bias is None:
-        return out
-    return out + bias[row_expert].to(out.dtype)
-
-
 class Experts(nn.Module):
     """``e`` two-layer MLPs (fc1, activation, dropout, fc2, dropout), as timm's ``Mlp`` but with stacked weights.
 
@@ -161,15 +150,9 @@ class Experts(nn.Module):
         if _grouped_mm_supported(x, params[0]) if use_grouped_mm is None else use_grouped_mm:
             return self._grouped_mm_forward(x, params, tokens_per_expert, token_index, gates)
         fc1_weight, fc1_bias, fc2_weight, fc2_bias = params
-        num_rows = token_index.shape[0]
-        row_expert = group_of_rows(tokens_per_expert, num_rows)
-
-        def matmul(rows: Tensor, weight: Tensor) -> Tensor:
-            return grouped_mm(rows, weight, tokens_per_expert)
-        hidden = _add_bias(matmul(x.index_select(0, token_index), fc1_weight), fc1_bias, row_expert)
-        out = _add_bias(matmul(self._hidden_dropout(self.act(hidden)), fc2_weight), fc2_bias, row_expert)
-        # rows past the last expert's (the tail of dropped assignments) get nothing
-        out = torch.where(rows_in_groups(tokens_per_expert, num_rows)[:, None], out, 0)
+        hidden = grouped_mm(x.index_select(0, token_index), fc1_weight, tokens_per_expert, fc1_bias)
+        # rows past the last expert's (the tail of dropped assignments) come out as zeros
+        out = grouped_mm(self._hidden_dropout(self.act(hidden)), fc2_weight, tokens_per_expert, fc2_bias)
         if gates is not None:
             out = out * gates.unsqueeze(1)
         return combine(out, token_index, x.shape[0])
