@@ -149,7 +149,7 @@ def test_every_moe_option_reaches_the_model(tmp_path):
     assert all(NON_DEFAULT_MOE[name] != getattr(GCVIMOE, name) for name in FIELDS)
     from_file = {k: v for k, v in NON_DEFAULT_MOE.items() if k != "batch_priority"}
     path = tmp_path / "moe.yaml"
-    path.write_text(yaml.safe_dump({"moe": from_file}))
+    path.write_text(yaml.safe_dump({"model": "gcvimoe_nano", "moe": from_file}))  # six stage-3 blocks
     cfg = build_config(path, {"batch_priority": parse_cli_value("batch_priority", "false")})
     model = create_model(cfg.model, **model_args(cfg, resolve_data_config("digits", img_size=32)))
     layers = dict(moe_layers(model))

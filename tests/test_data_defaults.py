@@ -55,3 +55,44 @@ def test_print_config_shows_what_the_data_decides(tmp_path, capsys):
     assert "in_chans: 1  # from the data" in out and "img_size: 32  # from the data" in out
     assert main(["train", "--data-dir", str(tmp_path / "missing"), "--print-config"]) == 0
     assert "in_chans: null  # from the data at start" in capsys.readouterr().out
+
+
+def test_warmup_crops_and_regularisation_follow_the_folder(tmp_path):
+    """80 training images of 28 px at batch 16 for 8 epochs: 5 updates an epoch, so 500 warmup updates would be 100
+    epochs and the cap of a quarter of the schedule (2 epochs) decides; 80 images is a small set (at most 5,000):
+    the strongest crops of small images (area 0.5-1) and the most drop path (0.1); folders are flipped."""
+    _folder(tmp_path, grey=True)
+    cfg, _, notes = derive_from_data(build_config(None, {"data_dir": str(tmp_path), "batch_size": 16, "epochs": 8}))
+    assert (cfg.warmup_epochs, cfg.scale, cfg.drop_path_rate, cfg.hflip) == (2.0, [0.5, 1.0], 0.1, 0.5)
+    assert cfg.model == "gcvimoe_pico"
+    for key in ("warmup_epochs 2 (from the data", "scale [0.5, 1.0] (from the data", "drop_path_rate 0.1 (from the data",
+                "hflip 0.5 ("):
+        assert any(note.startswith(key) for note in notes), key
+    # a -c file or a flag wins over the data, and then no header line claims the data decided it
+    cfg, _, notes = derive_from_data(build_config(None, {"data_dir": str(tmp_path), "warmup_epochs": 0.5,
+                                                         "scale": [0.9, 1.0], "drop_path_rate": 0.0, "hflip": 0.0}))
+    assert (cfg.warmup_epochs, cfg.scale, cfg.drop_path_rate, cfg.hflip) == (0.5, [0.9, 1.0], 0.0, 0.0)
+    assert not any(note.startswith(("warmup_epochs", "scale", "drop_path_rate", "hflip")) for note in notes)
+
+
+@pytest.mark.parametrize("num_images, img_size, expected", [
+    # 60,000 small images at batch 128: 468 updates an epoch, 500 updates = 1.07 epochs; a large set: lightest
+    (60000, 32, {"warmup_epochs": 1.07, "scale": [1.0, 1.0], "drop_path_rate": 0.0}),
+    # 5,000 * sqrt(10) images sit halfway (on a log scale) between the small and the large set
+    (15811, 32, {"warmup_epochs": 1.5, "scale": [0.75, 1.0], "drop_path_rate": 0.05}),
+    # 1,000 images: 7 updates an epoch, the warmup cap of a quarter of 6 epochs; larger images take stronger crops
+    (1000, 96, {"warmup_epochs": 1.5, "scale": [0.08, 1.0], "drop_path_rate": 0.1}),
+    (60000, 224, {"warmup_epochs": 1.07, "scale": [0.35, 1.0], "drop_path_rate": 0.0}),
+])
+def test_the_recipe_rules_give_hand_computed_values(num_images, img_size, expected):
+    from gcvimoe.train.recipe import derive_recipe
+    chosen, notes = derive_recipe({}, "folder", num_images, img_size, global_batch=128, epochs=6)
+    assert {key: chosen[key] for key in expected} == expected
+    assert chosen["hflip"] == 0.5 and len(notes) == len(chosen)
+    assert derive_recipe({}, "digits", num_images, img_size, 128, 6)[0]["hflip"] == 0.0
+
+
+def test_small_images_config_spells_out_the_defaults():
+    """`-c small-images` is the starting point for a recipe of one's own: it must give what no -c gives."""
+    from gcvimoe.train import TrainConfig
+    assert build_config("small-images") == TrainConfig()

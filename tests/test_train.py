@@ -27,7 +27,8 @@ from gcvimoe.moe.parallel import shard_experts_
 # a half-width nano with 4 experts, CutMix and EMA: every state a resume must restore, a few seconds per epoch
 TINY = ["--model", "gcvimoe_nano", "--model-kwargs", "{embed_dim: 16}", "--num-experts", "4", "--img-size", "32",
         "--batch-size", "4", "--epochs", "2", "--warmup-epochs", "1", "--lr", "1e-3", "--workers", "0",
-        "--scale", "0.8,1", "--cutmix", "1.0", "--ema", "--ema-decay", "0.9", "--threads", "1"]
+        "--scale", "0.8,1", "--cutmix", "1.0", "--ema", "--ema-decay", "0.9", "--threads", "1",
+        "--hflip", "0", "--drop-path-rate", "0"]
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")

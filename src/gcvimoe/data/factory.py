@@ -17,7 +17,7 @@ from torchvision import transforms
 from gcvimoe.data.digits import DIGITS_CLASSES, DIGITS_MEAN, DIGITS_STD, DigitsDataset
 from gcvimoe.data.fashion_mnist import (
     FASHION_MNIST_CLASSES, FASHION_MNIST_MEAN, FASHION_MNIST_STD, FashionMNIST, fashion_mnist_dir)
-from gcvimoe.data.folder import ImageFolder, check_split_dir, find_classes, measure_folder
+from gcvimoe.data.folder import ImageFolder, check_split_dir, count_images, find_classes, measure_folder
 from gcvimoe.errors import GcvimoeError
 
 
@@ -50,6 +50,7 @@ class DataConfig:
         return cls(**d)
 
 
+DIGITS_TRAIN_IMAGES, FASHION_MNIST_TRAIN_IMAGES = 1437, 60000
 SMALL_DATASETS_SIZE = 32  # the embedded digits and Fashion-MNIST are read at 32 px (a multiple of GC ViT's 32)
 MAX_DERIVED_SIZE = 224
 
@@ -126,6 +127,15 @@ def _from_folder(data_dir, img_size: Optional[int], in_chans: Optional[int], not
     return chans, size, mean, std
 
 
+def train_image_count(data_cfg: DataConfig) -> int:
+    """How many training images ``data_cfg`` has, without decoding any."""
+    if data_cfg.dataset == "digits":
+        return DIGITS_TRAIN_IMAGES
+    if data_cfg.dataset == "fashion-mnist":
+        return FASHION_MNIST_TRAIN_IMAGES
+    return count_images(data_cfg.data_dir, "train")
+
+
 def build_transform(data_cfg: DataConfig, is_training: bool = False, **aug):
     """timm's train or eval transform for ``data_cfg``, with a channel conversion in front when needed.
 
@@ -199,13 +209,22 @@ class SeededSamples(Dataset):
         return getattr(self.dataset, name)
 
     def __getitem__(self, index: int):
-        sample_seed = (self.seed * 1_000_003 + self.epoch * 1_000_033 + index) % (2 ** 63)
+        return self.__getitems__([index])[0]
+
+    def __getitems__(self, indices: Sequence[int]) -> list:
+        """A batch of samples (the DataLoader asks for whole batches): the caller's random streams are saved and
+        restored once per batch, which costs more than decoding and augmenting a small image when done per
+        sample; every sample is still drawn from its own seed alone."""
         saved = random.getstate(), np.random.get_state(), torch.get_rng_state()
-        random.seed(sample_seed)
-        np.random.seed(sample_seed % (2 ** 32))
-        torch.default_generator.manual_seed(sample_seed)  # the CPU generator only: CUDA streams stay untouched
         try:
-            return self.dataset[index]
+            samples = []
+            for index in indices:
+                sample_seed = (self.seed * 1_000_003 + self.epoch * 1_000_033 + index) % (2 ** 63)
+                random.seed(sample_seed)
+                np.random.seed(sample_seed % (2 ** 32))
+                torch.default_generator.manual_seed(sample_seed)  # the CPU generator only: CUDA streams stay untouched
+                samples.append(self.dataset[index])
+            return samples
         finally:
             random.setstate(saved[0])
             np.random.set_state(saved[1])

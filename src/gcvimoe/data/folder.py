@@ -295,6 +295,13 @@ class ImageFolder(Dataset):
                     self.unreadable[index] = found
 
 
+def count_images(root, split: str = "train") -> int:
+    """Image files under ``root/split`` (by suffix, as :class:`ImageFolder` finds them; unreadable ones included)."""
+    suffixes = tuple(ext.lower() for ext in IMG_EXTENSIONS)
+    split_dir = check_split_dir(root, split)
+    return sum(name.lower().endswith(suffixes) for _, _, names in os.walk(split_dir) for name in names)
+
+
 @dataclass
 class FolderStats:
     """What a sample of a folder's training images says about the data (see :func:`measure_folder`).

@@ -776,8 +776,14 @@ def _cfg(**kwargs) -> dict:
     }
 
 
-# Architecture of each published GC ViT variant (paper Table 1 / NVlabs configs) and our small `nano`.
+# Architecture of each published GC ViT variant (paper Table 1 / NVlabs configs) and our small `pico` and `nano`.
+# `pico` is the small-image default of `gcvimoe train`: 8x8-token windows clipped to the feature map, so at 32 px every
+# stage attends over its whole map (8x8, 4x4, 2x2, 1x1 tokens) instead of nano's 4x4 windows in stage 1, and four
+# stage-3 blocks instead of six. Windows are given in tokens, not as a ratio of the input, so larger inputs keep
+# cheap 8x8 windows.
 VARIANTS: Dict[str, dict] = {
+    'pico': dict(embed_dim=32, depths=(2, 2, 4, 2), num_heads=(1, 2, 4, 8), mlp_ratio=3., img_size=32,
+                 window_size=8),
     'nano': dict(embed_dim=32, depths=(2, 2, 6, 2), num_heads=(1, 2, 4, 8), mlp_ratio=3., img_size=32,
                  window_ratio=(8, 8, 16, 32)),
     'xxtiny': dict(embed_dim=64, depths=(2, 2, 6, 2), num_heads=(2, 4, 8, 16), mlp_ratio=3.),
@@ -790,9 +796,11 @@ VARIANTS: Dict[str, dict] = {
     'large': dict(embed_dim=192, depths=(3, 4, 19, 5), num_heads=(6, 12, 24, 48), mlp_ratio=2., layer_scale=1e-5),
 }
 
+SMALL_INPUT = ('pico', 'nano')  # single-channel 32 px variants
+
 default_cfgs = generate_default_cfgs({
-    f'gcvimoe_{size}': _cfg(input_size=(1 if size == 'nano' else 3, *to_2tuple(arch.get('img_size', 224))),
-                            pool_size=(1, 1) if size == 'nano' else (7, 7))
+    f'gcvimoe_{size}': _cfg(input_size=(1 if size in SMALL_INPUT else 3, *to_2tuple(arch.get('img_size', 224))),
+                            pool_size=(1, 1) if size in SMALL_INPUT else (7, 7))
     for size, arch in VARIANTS.items()
 })
 
@@ -802,7 +810,7 @@ _CONSTRUCTOR_ARGS = frozenset(inspect.signature(GlobalContextVit.__init__).param
 
 def _variant(size: str, pretrained: bool, **kwargs) -> GlobalContextVit:
     model_args = dict(VARIANTS[size])
-    if size == 'nano':
+    if size in SMALL_INPUT:
         model_args.update(in_chans=1)
     model_args.update(kwargs)
     model = _create_gcvimoe(f'gcvimoe_{size}', pretrained=pretrained, **model_args)
@@ -817,6 +825,13 @@ def _variant(size: str, pretrained: bool, **kwargs) -> GlobalContextVit:
     model.model_args = {k: v for k, v in kwargs.items() if k in _CONSTRUCTOR_ARGS and k != 'moe'}
     model.model_args['moe'] = MoEConfig.resolve(kwargs.get('moe'), **moe_options).to_dict()
     return model
+
+
+@register_model
+def gcvimoe_pico(pretrained: bool = False, **kwargs) -> GlobalContextVit:
+    """GCViMoE pico: 32 px single-channel default, widths 32-256, depths 2,2,4,2, 8x8-token windows clipped to the
+    map (whole-map attention in every stage at 32 px): the small-image default of ``gcvimoe train``."""
+    return _variant('pico', pretrained, **kwargs)
 
 
 @register_model

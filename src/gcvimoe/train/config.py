@@ -47,8 +47,10 @@ class TrainConfig:
     a :class:`gcvimoe.moe.MoEConfig` whose defaults are the GCViMoE recipe.
     """
     # model
-    model: str = _key("gcvimoe_nano", "registered model name (gcvimoe_nano, gcvimoe_xxtiny ... gcvimoe_large)")
-    drop_path_rate: Optional[float] = _key(None, "stochastic depth rate (null = model default)")
+    model: str = _key("gcvimoe_pico", "registered model name (gcvimoe_pico, gcvimoe_nano, gcvimoe_xxtiny ... "
+                                      "gcvimoe_large)")
+    drop_path_rate: Optional[float] = _key(None, "stochastic depth rate (null = from the data: 0.1 for 5,000 "
+                                                 "training images or fewer, 0 from 50,000, log-linear between)")
     moe: MoEConfig = field(default_factory=lambda: GCVIMOE, metadata={
         "help": "the MoE options (an moe: section in YAML; flags --num-experts, --top-k, ...); see gcvimoe.moe.MoEConfig"})
     model_kwargs: Dict[str, Any] = _key({}, "extra keyword arguments for the model constructor")
@@ -73,9 +75,11 @@ class TrainConfig:
                                     "line and list it in bad_files.txt)")
     max_bad_fraction: float = _key(0.01, "stop when more than this share of a split's images is unreadable")
     # augmentation (timm transforms, Mixup/CutMix)
-    scale: List[float] = _key([0.6, 1.0], "random-resized-crop area range")
+    scale: Optional[List[float]] = _key(None, "random-resized-crop area range (null = from the data: stronger crops "
+                                              "for fewer or larger images, see gcvimoe.train.recipe)")
     ratio: List[float] = _key([0.8, 1.25], "random-resized-crop aspect-ratio range")
-    hflip: float = _key(0.0, "horizontal flip probability")
+    hflip: Optional[float] = _key(None, "horizontal flip probability (null = 0.5 for folders and Fashion-MNIST, 0 "
+                                        "for the digits)")
     color_jitter: float = _key(0.0, "colour jitter strength (0 = off)")
     auto_augment: Optional[str] = _key(None, "timm auto-augment policy, e.g. rand-m9-mstd0.5-inc1 (null = off)")
     reprob: float = _key(0.0, "random erasing probability")
@@ -93,7 +97,7 @@ class TrainConfig:
     eval_batch_size: Optional[int] = _key(None, "images per evaluation batch (null = batch_size)")
     grad_accum_steps: int = _key(1, "micro-batches accumulated per optimiser step")
     opt: str = _key("adamw", "timm optimiser name")
-    lr: float = _key(4e-3, "peak learning rate (for a global batch of lr_batch_size when that is set)")
+    lr: float = _key(2e-3, "peak learning rate (for a global batch of lr_batch_size when that is set)")
     lr_batch_size: Optional[int] = _key(None, "global batch that lr is given for; null = use lr as given")
     lr_scale: str = _key("linear", "how the LR follows the global batch", choices=("linear", "sqrt"))
     weight_decay: float = _key(0.05, "weight decay (not applied to norms, biases and no_weight_decay params)")
@@ -104,7 +108,8 @@ class TrainConfig:
     clip_mode: str = _key("norm", "gradient clipping mode", choices=("norm", "value", "agc"))
     sched: str = _key("cosine", "timm LR schedule", choices=("cosine", "tanh", "step", "multistep", "poly",
                                                               "constant", "none"))
-    warmup_epochs: int = _key(2, "epochs of linear LR warmup")
+    warmup_epochs: Optional[float] = _key(None, "epochs of linear LR warmup, fractions too (null = from the data: "
+                                                "about 500 updates, at most a quarter of the epochs)")
     warmup_lr: float = _key(1e-5, "LR at the start of warmup")
     min_lr: float = _key(1e-5, "LR at the end of the schedule")
     cooldown_epochs: int = _key(0, "epochs at min_lr after the schedule")
@@ -125,7 +130,8 @@ class TrainConfig:
     dist_timeout: str = _key("10m", "with several processes, how long one may wait for the others (in a collective, "
                                     "or without a heartbeat) before the job ends naming the process that stopped: "
                                     "seconds, or 90s, 10m, 1h")
-    threads: Optional[int] = _key(None, "CPU threads per process (null = torch's default, all cores)")
+    threads: Optional[int] = _key(None, "CPU threads per process (null = from the machine: the cores per process "
+                                        "less the loader processes, at least 1)")
     seed: int = _key(42, "random seed (each process adds its rank)")
     # output
     output: str = _key("", "output folder ('' = output/train/<time>-<model>-<dataset>)")
@@ -391,7 +397,7 @@ def check_values(cfg: TrainConfig) -> None:
         raise GcvimoeError(f"config key 'in_chans' must be 1 or 3, got {cfg.in_chans}")
     for name in ("scale", "ratio"):
         value = getattr(cfg, name)
-        if len(value) != 2 or value[0] > value[1]:
+        if value is not None and (len(value) != 2 or value[0] > value[1]):
             raise GcvimoeError(f"config key '{name}' must be [low, high] with low <= high, got {value}")
     if not 0.0 <= cfg.smoothing < 1.0:
         raise GcvimoeError(f"config key 'smoothing' must be in [0, 1), got {cfg.smoothing}")
@@ -463,7 +469,8 @@ def _flat(cfg: TrainConfig) -> Dict[str, Any]:
     return {**values, **{f"moe.{key}": value for key, value in moe.items()}}
 
 
-DATA_DERIVED = ("img_size", "in_chans", "workers")  # null in a config: decided by the data and the machine at start
+# null in a config: decided by the data and the machine at start (gcvimoe.train.recipe for the last four)
+DATA_DERIVED = ("img_size", "in_chans", "workers", "threads", "warmup_epochs", "scale", "hflip", "drop_path_rate")
 
 
 def config_yaml(cfg: TrainConfig, derived: Optional[TrainConfig] = None) -> str:

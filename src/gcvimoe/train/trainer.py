@@ -56,7 +56,8 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from gcvimoe.data import (
-    DataConfig, batches_per_epoch, build_transform, create_dataset, create_loader, resolve_data_config, set_epoch)
+    DataConfig, batches_per_epoch, build_transform, create_dataset, create_loader, resolve_data_config, set_epoch,
+    train_image_count)
 from gcvimoe.errors import GcvimoeError, did_you_mean
 from gcvimoe.files import atomic_dir, atomic_path, write_records
 from gcvimoe.models import (
@@ -71,6 +72,7 @@ from gcvimoe.train.distributed import (
     clip_grad_norm_expert_parallel, collective_failure, full_state, is_collective_failure, init_distributed, load_sharded, local_optimizer_state,
     local_state_dict, save_sharded, shard_experts, sharded_state, wrap_model)
 from gcvimoe.train.evaluate import evaluate, iterate
+from gcvimoe.train.recipe import DERIVED_RECIPE, derive_recipe
 from gcvimoe.train.progress import ScalarLog, StepMeter, expert_load_scalars, resolve_log_interval, scalar_log
 from gcvimoe.train.preemption import Preemption
 from gcvimoe.train.state import SHARDED_KEY, rng_state, save_checkpoint, set_rng_state
@@ -380,8 +382,6 @@ def train(cfg: TrainConfig, resume: Optional[Dict[str, Any]] = None, callbacks: 
             the run's header.
     """
     threads = torch.get_num_threads()
-    if cfg.threads:
-        torch.set_num_threads(cfg.threads)
     info = init_distributed(cfg.device, parse_duration("dist_timeout", cfg.dist_timeout))
     try:
         cfg, initial, notes = _initial_checkpoint(cfg, resumed=resume is not None)
@@ -474,6 +474,14 @@ def default_workers(dataset: str) -> int:
     return max(1, min(8, (os.cpu_count() or 1) // _processes_here() - 1))
 
 
+def default_threads(workers: int) -> int:
+    """CPU threads per process when the config leaves it to the machine: the cores of this process less its loader
+    processes. Threads beyond the free cores make this model's many small operations wait on each other: on 2 cores
+    a second thread bought little beside a loader process, and training ran several times slower with it whenever
+    another job took a core (the digits recipe found the same)."""
+    return max(1, (os.cpu_count() or 1) // _processes_here() - workers)
+
+
 def _processes_here() -> int:
     return int(os.environ.get("LOCAL_WORLD_SIZE", "1"))  # torchrun's count of processes on this machine
 
@@ -490,12 +498,25 @@ def derive_from_data(cfg: TrainConfig):
         workers = default_workers(cfg.resolved_dataset)
         notes.append(f"workers {workers} (from the machine: {os.cpu_count()} cores, {_processes_here()} "
                      f"process(es) here, {cfg.resolved_dataset} data)")
-    cfg = dataclasses.replace(cfg, img_size=data_cfg.img_size, in_chans=data_cfg.in_chans, workers=workers)
+    threads = cfg.threads
+    if threads is None:
+        threads = default_threads(workers)
+        notes.append(f"threads {threads} (from the machine: {os.cpu_count()} cores, {_processes_here()} process(es) "
+                     f"here, {workers} loader process(es) each)")
+    cfg = dataclasses.replace(cfg, img_size=data_cfg.img_size, in_chans=data_cfg.in_chans, workers=workers,
+                              threads=threads)
+    if any(getattr(cfg, key) is None for key in DERIVED_RECIPE):
+        global_batch = cfg.batch_size * cfg.grad_accum_steps * int(os.environ.get("WORLD_SIZE", "1"))
+        chosen, recipe_notes = derive_recipe(cfg.to_dict(), cfg.resolved_dataset, train_image_count(data_cfg),
+                                             data_cfg.img_size, global_batch, cfg.epochs)
+        cfg = dataclasses.replace(cfg, **chosen)
+        notes += recipe_notes
     return cfg, data_cfg, notes
 
 
 def _build_data(cfg: TrainConfig, data_cfg: DataConfig, info: DistInfo):
-    aug = dict(scale=tuple(cfg.scale), ratio=tuple(cfg.ratio), hflip=cfg.hflip, color_jitter=cfg.color_jitter,
+    # color_jitter 0 is passed as None: timm otherwise adds a ColorJitter that does nothing at a cost per image
+    aug = dict(scale=tuple(cfg.scale), ratio=tuple(cfg.ratio), hflip=cfg.hflip, color_jitter=cfg.color_jitter or None,
                auto_augment=cfg.auto_augment, re_prob=cfg.reprob)
     # unreadable images are skipped, and too many stop the run at the epoch's end (see gcvimoe.train.checks); one
     # process also stops as soon as its own count is too many, several processes must decide together
@@ -548,6 +569,7 @@ def _build_run(cfg: TrainConfig, info: DistInfo, initial: Optional[Checkpoint] =
     """Data, model, optimiser, precision, schedule, EMA; everything a user can get wrong is checked before the output
     folder is made."""
     cfg, data_cfg, data_notes = derive_from_data(cfg)
+    torch.set_num_threads(cfg.threads)  # train() restores the caller's count at the end
     train_loader, eval_loader = _build_data(cfg, data_cfg, info)
     model, notes = _build_model(cfg, data_cfg, info, initial)
     optimizer = _create_optimizer(cfg, model, scaled_lr(cfg, _global_batch(cfg, info)))
