@@ -73,8 +73,10 @@ def cuda_peak_bytes(step) -> int:
     return torch.cuda.max_memory_allocated() - before
 
 
-def run_case(case: Case, rounds: int, device: str = 'cpu', token_scale: int = 1, compile: bool = False) -> dict:
-    """Time ratios MoE / dense for a train step and inference; on CUDA under bf16 autocast, synchronised."""
+def run_case(case: Case, rounds: int, device: str = 'cpu', token_scale: int = 1, compile: bool = False,
+             show_ops: bool = False) -> dict:
+    """Time ratios MoE / dense for a train step and inference; on CUDA under bf16 autocast, synchronised. With
+    ``show_ops``, also prints the MoE train step's most expensive ops (device time, allocated memory)."""
     torch.manual_seed(0)
     dense_module = Mlp(case.dim, case.hidden).to(device)
     moe_module = MoE(case.dim, case.hidden, num_experts=case.num_experts, top_k=case.top_k,
@@ -122,6 +124,12 @@ def run_case(case: Case, rounds: int, device: str = 'cpu', token_scale: int = 1,
             clear_grads()  # gradients freed inside the profiled step would be frees of unknown size
             peaks[name] = (cuda_peak_bytes if cuda else peak_allocated_bytes)(lambda: step(model))
         result[f'{mode}_memory_ratio'] = peaks['moe'] / peaks['dense']
+    if show_ops:
+        activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+        with profile(activities=activities, profile_memory=True) as prof:
+            train_step(moe)
+        print(prof.key_averages().table(sort_by='self_cuda_time_total' if cuda else 'self_cpu_time_total',
+                                        row_limit=20, max_name_column_width=60), flush=True)
     return result
 
 
@@ -139,6 +147,7 @@ def main() -> None:
     parser.add_argument('--device', default='cpu', help="cpu (fp32) or cuda (bf16 autocast)")
     parser.add_argument('--token-scale', type=int, default=1, help="multiply every case's token count T")
     parser.add_argument('--compile', action='store_true', help="torch.compile both layers (fullgraph)")
+    parser.add_argument('--show-ops', action='store_true', help="print each case's costliest ops in a MoE train step")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     cuda = args.device.startswith('cuda')
@@ -160,7 +169,8 @@ def main() -> None:
     for case in CASES:
         if case.name not in args.cases:
             continue
-        runs = [run_case(case, args.rounds, args.device, args.token_scale, args.compile) for _ in range(args.repeats)]
+        runs = [run_case(case, args.rounds, args.device, args.token_scale, args.compile, args.show_ops)
+                for _ in range(args.repeats)]
         r = runs[-1]
         capacity = 'dropless' if case.capacity_factor == 0 else case.capacity_factor
         row = (f"| {case.name} | {case.num_experts} | {case.top_k} | {capacity} | {case.dim}, {case.hidden}, "
