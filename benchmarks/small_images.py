@@ -256,7 +256,7 @@ def tuning_lines():
             "stopped twice by a busy machine and never finished):", "", "| run | epochs | held-out top-1 (%) |", "|---|---|---|", *lines, ""]
 
 
-def report() -> str:
+def report(note: str = "") -> str:
     model, moe_macs, dense_macs = macs_per_image()
     header = ["| model | epochs | runs finished | last-epoch test top-1 (%), mean ± std | per run | wall time per run "
               "| active MACs / image |", "|---|---|---|---|---|---|---|"]
@@ -302,7 +302,7 @@ def report() -> str:
         group_line("dense twin, equal wall time", subset["dense_time"], len(SEEDS), dense_macs),
         "",
         ("Still missing: " + ", ".join(missing) + " (`python benchmarks/small_images.py run` continues)."
-         if missing else "All runs finished."),
+         if missing else "All runs finished.") + (f" {note}" if note else ""),
         "",
     ]
     return "\n".join(lines)
@@ -313,6 +313,7 @@ def main():
     parser.add_argument("action", choices=("export", "run", "report"))
     parser.add_argument("--tune", action="store_true", help="export: also write the held-out tuning split")
     parser.add_argument("--parts", default="full,subset", help="run: full, subset or both (comma-separated)")
+    parser.add_argument("--note", default="", help="a sentence added to the report (e.g. what else ran meanwhile)")
     args = parser.parse_args()
     if args.action == "export":
         export_all(args.tune)
@@ -320,7 +321,7 @@ def main():
     if args.action == "run":
         export_all(tune=False)
         run_all(args.parts.split(","))
-    write_section("small_images", report())
+    write_section("small_images", report(args.note))
     print(f"wrote the small_images section of {Path(__file__).parent / 'RESULTS.md'}")
 
 
