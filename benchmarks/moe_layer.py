@@ -159,8 +159,9 @@ def main() -> None:
         "",
         f"Latest run: {machine()}; {where}; T x {args.token_scale}; {args.repeats} repeat(s) of {args.rounds} "
         "interleaved rounds. Time ratio MoE / dense = median of per-round ratios; the range is over repeats. "
-        + ("Target (GPU, bf16, k = 1, E = 8, T = 2^18): MoE at most 1.5x the dense Mlp, train and inference." if cuda else
-         "Targets (CPU, k = 1, E = 8): train at most 1.15, inference at most 1.10; k = 2 train at most 2.3."),
+        + ("Target (GPU, bf16, k = 1, E = 8, T = 2^18): MoE at most 1.5x the dense Mlp, train and inference."
+           if cuda else
+           "Targets (CPU, k = 1, E = 8): train at most 1.15, inference at most 1.10; k = 2 train at most 2.3."),
         "",
         '| case | E | k | capacity factor | D, H, T | train time ratio (latest, range) | inference time ratio (latest, '
         'range) | dropped (train) | train / infer peak mem ratio | dense train / infer ms |',

@@ -118,7 +118,7 @@ def _backward(ctx, grad: Tensor) -> Tuple[Optional[Tensor], Optional[Tensor], No
         grad_rows = grouped_mm(grad, weight.transpose(-2, -1).contiguous(), counts)
     if ctx.needs_input_grad[1]:
         grad_weight = grouped_mm_weight_grad(rows, grad, counts, weight.shape[0])
-    if ctx.bias_dtype is not None and ctx.needs_input_grad[3:4] == (True,):
+    if ctx.bias_dtype is not None and ctx.needs_input_grad[3]:  # (no bias: only three inputs are tracked)
         grad_bias = grouped_sum(grad, counts, weight.shape[0]).to(ctx.bias_dtype)
     return grad_rows, grad_weight, None, grad_bias
 

@@ -69,8 +69,8 @@ from gcvimoe.train.checks import (
 from gcvimoe.train.config import TrainConfig, parse_duration, save_config, scaled_lr
 from gcvimoe.train.distributed import (
     DistInfo, all_gather_objects, all_reduce_sum, average_expert_grads, check_expert_parallel_optimizer, cleanup,
-    clip_grad_norm_expert_parallel, collective_failure, full_state, is_collective_failure, init_distributed, load_sharded, local_optimizer_state,
-    local_state_dict, save_sharded, shard_experts, sharded_state, wrap_model)
+    clip_grad_norm_expert_parallel, collective_failure, full_state, is_collective_failure, init_distributed,
+    load_sharded, local_optimizer_state, local_state_dict, save_sharded, shard_experts, sharded_state, wrap_model)
 from gcvimoe.train.evaluate import evaluate, iterate
 from gcvimoe.train.recipe import DERIVED_RECIPE, derive_recipe
 from gcvimoe.train.progress import ScalarLog, StepMeter, expert_load_scalars, resolve_log_interval, scalar_log
@@ -378,8 +378,8 @@ def train(cfg: TrainConfig, resume: Optional[Dict[str, Any]] = None, callbacks: 
         cfg: The run's config.
         resume: A training checkpoint's dict (:func:`gcvimoe.train.state.load_training_checkpoint`), or None.
         callbacks: Called on the primary process after every epoch and at the end (plots, for instance).
-        origins: Where each non-default config value came from (``origins`` of :func:`gcvimoe.train.config.build_config`), for
-            the run's header.
+        origins: Where each non-default config value came from (``origins`` of
+            :func:`gcvimoe.train.config.build_config`), for the run's header.
     """
     threads = torch.get_num_threads()
     info = init_distributed(cfg.device, parse_duration("dist_timeout", cfg.dist_timeout))
