@@ -240,6 +240,11 @@ TUNING_RUNS = (  # on the held-out split, seed 0; each named by what it changed 
     ("T6_lr1.4", 2, "T6: T4 at lr 1.4e-3"),
     ("T7_bs256_lr2.8", 2, "T7: T4 at batch 256, lr 2.8e-3"),
     ("C6_defaults", 6, "the resulting defaults: `gcvimoe train --data-dir DIR --epochs 6`"),
+    # after the full-set runs missed 91.5 %: the anchor's remaining differences, and more tokens per image
+    ("A_bs64", 6, "A: the defaults at batch 64 (twice the updates, lr 2e-3)"),
+    ("B_wd01", 6, "B: the defaults at weight decay 0.01 (the timm anchor's AdamW default)"),
+    ("C_48px_w12", 6, "C: the defaults at 48 px with 12-token windows (12x12 tokens in stage 1; about twice the "
+                      "time)"),
 )
 
 
