@@ -115,7 +115,7 @@ def _backward(ctx, grad: Tensor) -> Tuple[Optional[Tensor], Optional[Tensor], No
     grad = grad.contiguous()
     grad_rows = grad_weight = grad_bias = None
     if ctx.needs_input_grad[0]:
-        grad_rows = grouped_mm(grad, weight.transpose(-2, -1).contiguous(), counts)
+        grad_rows = grouped_mm(grad, weight.transpose(-2, -1), counts)  # a transposed view: the GEMM reads it as is
     if ctx.needs_input_grad[1]:
         grad_weight = grouped_mm_weight_grad(rows, grad, counts, weight.shape[0])
     if ctx.bias_dtype is not None and ctx.needs_input_grad[3]:  # (no bias: only three inputs are tracked)
