@@ -264,3 +264,40 @@ def test_dense_model_traces_with_torch_fx_as_timm_gcvit_does():
         features = extractor(x)
         torch.testing.assert_close(features['logits'], model(x), rtol=1e-5, atol=1e-5)
         torch.testing.assert_close(features['stage3'], model.stages[:3](model.stem(x)), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize('num_experts', [0, 4])
+def test_vit_weight_init_is_timm_gcvit_init_with_experts_as_linear_layers(num_experts):
+    """weight_init='vit': every linear weight (each expert's included) is Xavier-uniform as in timm's
+    GlobalContextVit; the same architecture built by timm has the same per-layer spread."""
+    from timm.models.gcvit import GlobalContextVit as TimmGcVit
+
+    arch = dict(embed_dim=32, depths=(1, 1, 2, 1), num_heads=(1, 2, 4, 8), img_size=32, window_size=8, in_chans=1,
+                num_classes=10)
+    torch.manual_seed(0)
+    ours = create_model('gcvimoe_xxtiny', weight_init='vit', num_experts=num_experts, **arch)
+    reference = TimmGcVit(**{**arch, 'window_size': (8, 4, 2, 1)}, weight_init='vit')
+    reference_std = {name: m.weight.std().item() for name, m in reference.named_modules()
+                     if isinstance(m, torch.nn.Linear)}
+    checked = compared = 0
+    for name, module in ours.named_modules():
+        if isinstance(module, torch.nn.Linear) and 'gate' not in name:
+            weights = [module.weight.t()]
+        elif isinstance(module, MoE):
+            weights = [*module.experts.fc1_weight, *module.experts.fc2_weight]
+        else:
+            continue
+        for weight in weights:  # [fan_in, fan_out]
+            bound = (6 / sum(weight.shape)) ** 0.5
+            assert weight.abs().max() <= bound
+            assert weight.std().item() == pytest.approx(bound / 3 ** 0.5, rel=0.15), name
+            checked += 1
+        twin = name if name in reference_std else name + '.fc1'  # an MoE layer: the MLP it replaces in timm's
+        if twin in reference_std:
+            assert weights[0].std().item() == pytest.approx(reference_std[twin], rel=0.15), name
+            compared += 1
+    assert checked > 10 and compared > 10
+    normal = create_model('gcvimoe_xxtiny', num_experts=0, **arch)
+    assert normal.stages[0].blocks[0].mlp.fc1.weight.std().item() == pytest.approx(0.02, rel=0.15)
+    with pytest.raises(ValueError, match="weight_init"):
+        create_model('gcvimoe_xxtiny', weight_init='xavier', **arch)

@@ -33,7 +33,7 @@ from timm.layers import (
     ClassifierHead, DropPath, LayerNorm2d, LayerScale, Mlp, SEModule, calculate_drop_path_rates,
     resize_rel_pos_bias_table, to_2tuple, trunc_normal_,
 )
-from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
+from timm.models import build_model_with_cfg, generate_default_cfgs, named_apply, register_model
 from timm.models._features import feature_take_indices
 
 from gcvimoe.errors import GcvimoeError
@@ -41,7 +41,7 @@ from gcvimoe import kernels
 from gcvimoe.kernels.attention import biased_attention
 from gcvimoe.kernels.residual import block_inference
 from gcvimoe.models.placement import resolve_moe_blocks
-from gcvimoe.moe import MoE, MoEConfig
+from gcvimoe.moe import Experts, MoE, MoEConfig
 from gcvimoe.moe.config import FIELDS as moe_config_fields
 
 __all__ = ['GlobalContextVit', 'checkpoint_filter_fn', 'VARIANTS']
@@ -503,6 +503,20 @@ def _channels_last_strides(weight: nn.Parameter) -> None:
     weight.data = torch.empty_strided(weight.shape, strides, dtype=weight.dtype, device=weight.device).copy_(weight)
 
 
+def _vit_init(module: nn.Module, name: str = '') -> None:
+    """timm's ``'vit'`` scheme for GC ViT, extended to stacked experts (see ``GlobalContextVit``'s ``weight_init``)."""
+    if isinstance(module, nn.Linear) and not name.endswith('shared_expert_gate'):
+        nn.init.xavier_uniform_(module.weight)
+        if module.bias is not None:
+            nn.init.normal_(module.bias, std=1e-6) if 'mlp' in name else nn.init.zeros_(module.bias)
+    elif isinstance(module, Experts):
+        for weight, bias in ((module.fc1_weight, module.fc1_bias), (module.fc2_weight, module.fc2_bias)):
+            for expert_weight in weight.data:
+                nn.init.xavier_uniform_(expert_weight)
+            if bias is not None:
+                nn.init.normal_(bias, std=1e-6)
+
+
 class GlobalContextVit(nn.Module):
     """GC ViT, dense or with MoE MLPs (GCViMoE).
 
@@ -523,6 +537,11 @@ class GlobalContextVit(nn.Module):
         proj_drop_rate: Dropout after attention projection and in MLPs.
         attn_drop_rate: Attention-probability dropout.
         drop_path_rate: Stochastic depth, rising linearly over blocks.
+        norm_eps: LayerNorm epsilon.
+        weight_init: ``'normal'``: NVlabs' init, linear weights from a truncated normal of std 0.02, zero biases
+            (experts keep ``nn.Linear``'s init). ``'vit'``: timm's ``GlobalContextVit`` default, Xavier-uniform
+            linear weights, and each expert initialised as such a linear layer; MLP biases ``N(0, 1e-6)``, others
+            zero. Routers keep their own init either way.
         moe: The MoE options (:class:`gcvimoe.moe.MoEConfig` or a dict of them); the default is the GCViMoE recipe
             (:data:`gcvimoe.moe.GCVIMOE`: 8 experts, top-1, Swin-MoE placement, dropless evaluation).
             ``num_experts=0`` builds the dense GC ViT.
@@ -549,6 +568,7 @@ class GlobalContextVit(nn.Module):
             attn_drop_rate: float = 0.,
             drop_path_rate: float = 0.,
             norm_eps: float = 1e-5,
+            weight_init: str = 'normal',
             moe: Union[MoEConfig, dict, None] = None,
             device=None,
             dtype=None,
@@ -610,7 +630,12 @@ class GlobalContextVit(nn.Module):
             self.feature_info.append(dict(num_chs=stages[-1].dim, reduction=2 ** (i + 2), module=f'stages.{i}'))
         self.stages = nn.Sequential(*stages)
         self.head = ClassifierHead(self.num_features, num_classes, pool_type=global_pool, drop_rate=drop_rate, **dd)
-        self.apply(self._init_weights)
+        if weight_init not in ('normal', 'vit'):
+            raise ValueError(f"weight_init must be 'normal' or 'vit', got {weight_init!r}")
+        if weight_init == 'vit':
+            named_apply(_vit_init, self)
+        else:
+            self.apply(self._init_weights)
         for module in self.modules():
             if isinstance(module, nn.Conv2d) and module is not self.stem.conv1:
                 _channels_last_strides(module.weight)
@@ -783,7 +808,7 @@ def _cfg(**kwargs) -> dict:
 # cheap 8x8 windows.
 VARIANTS: Dict[str, dict] = {
     'pico': dict(embed_dim=32, depths=(2, 2, 4, 2), num_heads=(1, 2, 4, 8), mlp_ratio=3., img_size=32,
-                 window_size=8),
+                 window_size=8, weight_init='vit'),
     'nano': dict(embed_dim=32, depths=(2, 2, 6, 2), num_heads=(1, 2, 4, 8), mlp_ratio=3., img_size=32,
                  window_ratio=(8, 8, 16, 32)),
     'xxtiny': dict(embed_dim=64, depths=(2, 2, 6, 2), num_heads=(2, 4, 8, 16), mlp_ratio=3.),
