@@ -245,6 +245,8 @@ TUNING_RUNS = (  # on the held-out split, seed 0; each named by what it changed 
     ("B_wd01", 6, "B: the defaults at weight decay 0.01 (the timm anchor's AdamW default)"),
     ("C_48px_w12", 6, "C: the defaults at 48 px with 12-token windows (12x12 tokens in stage 1; about twice the "
                       "time)"),
+    ("D_vit_init", 6, "D: the defaults with the Xavier-uniform init of timm's 'vit' scheme (`weight_init: vit`) "
+                      "instead of NVlabs' normal of std 0.02: **the new default of gcvimoe_pico**"),
 )
 
 

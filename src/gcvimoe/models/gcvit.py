@@ -539,8 +539,8 @@ class GlobalContextVit(nn.Module):
         drop_path_rate: Stochastic depth, rising linearly over blocks.
         norm_eps: LayerNorm epsilon.
         weight_init: ``'normal'``: NVlabs' init, linear weights from a truncated normal of std 0.02, zero biases
-            (experts keep ``nn.Linear``'s init). ``'vit'``: timm's ``GlobalContextVit`` default, Xavier-uniform
-            linear weights, and each expert initialised as such a linear layer; MLP biases ``N(0, 1e-6)``, others
+            (experts keep ``nn.Linear``'s init). ``'vit'``: the scheme of timm's ``GlobalContextVit(weight_init='vit')``,
+            Xavier-uniform linear weights, and each expert initialised as such a linear layer; MLP biases ``N(0, 1e-6)``, others
             zero. Routers keep their own init either way.
         moe: The MoE options (:class:`gcvimoe.moe.MoEConfig` or a dict of them); the default is the GCViMoE recipe
             (:data:`gcvimoe.moe.GCVIMOE`: 8 experts, top-1, Swin-MoE placement, dropless evaluation).
