@@ -64,7 +64,8 @@ def main() -> None:
         '',
         f"Latest run: {machine()}; 224 px, fp32; {args.repeats} repeat(s) of {args.rounds} interleaved rounds "
         f"({2 * args.rounds} for inference). Time ratios: ratio of median times and, in brackets, the median of "
-        "per-round ratios, each the median over repeats; then the range over repeats. Targets: MoE at most 1.10x our dense and at most 1.0x timm.",
+        "per-round ratios, each the median over repeats; then the range over repeats. Targets: MoE at most 1.10x "
+        "our dense and at most 1.0x timm.",
         '',
         '| batch | mode | MoE img/s | MoE / our dense | range | MoE / timm | range | MoE dropped fraction |',
         '|---|---|---|---|---|---|---|---|',

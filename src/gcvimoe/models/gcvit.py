@@ -539,9 +539,9 @@ class GlobalContextVit(nn.Module):
         drop_path_rate: Stochastic depth, rising linearly over blocks.
         norm_eps: LayerNorm epsilon.
         weight_init: ``'normal'``: NVlabs' init, linear weights from a truncated normal of std 0.02, zero biases
-            (experts keep ``nn.Linear``'s init). ``'vit'``: the scheme of timm's ``GlobalContextVit(weight_init='vit')``,
-            Xavier-uniform linear weights, and each expert initialised as such a linear layer; MLP biases ``N(0, 1e-6)``, others
-            zero. Routers keep their own init either way.
+            (experts keep ``nn.Linear``'s init). ``'vit'``: the scheme of timm's
+            ``GlobalContextVit(weight_init='vit')``, Xavier-uniform linear weights, and each expert initialised as
+            such a linear layer; MLP biases ``N(0, 1e-6)``, others zero. Routers keep their own init either way.
         moe: The MoE options (:class:`gcvimoe.moe.MoEConfig` or a dict of them); the default is the GCViMoE recipe
             (:data:`gcvimoe.moe.GCVIMOE`: 8 experts, top-1, Swin-MoE placement, dropless evaluation).
             ``num_experts=0`` builds the dense GC ViT.
@@ -575,6 +575,8 @@ class GlobalContextVit(nn.Module):
             **moe_options,
     ):
         super().__init__()
+        if weight_init not in ('normal', 'vit'):
+            raise ValueError(f"weight_init must be 'normal' or 'vit', got {weight_init!r}")
         dd = dict(device=device, dtype=dtype)
         moe_config = MoEConfig.resolve(moe, **moe_options)
         act_layer = nn.GELU
@@ -630,8 +632,6 @@ class GlobalContextVit(nn.Module):
             self.feature_info.append(dict(num_chs=stages[-1].dim, reduction=2 ** (i + 2), module=f'stages.{i}'))
         self.stages = nn.Sequential(*stages)
         self.head = ClassifierHead(self.num_features, num_classes, pool_type=global_pool, drop_rate=drop_rate, **dd)
-        if weight_init not in ('normal', 'vit'):
-            raise ValueError(f"weight_init must be 'normal' or 'vit', got {weight_init!r}")
         if weight_init == 'vit':
             named_apply(_vit_init, self)
         else:

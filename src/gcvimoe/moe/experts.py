@@ -5,9 +5,9 @@ The weights are stacked tensors (``fc1_weight [e, d, h]``, ``fc2_weight [e, h, d
 by expert) and return the gated, combined output per token, so no padding slot is ever computed.
 
 Paths, in order of preference: two ``F.grouped_mm`` calls (CUDA, bf16), biases folded into matrix products; the
-CPU expert kernel when :mod:`gcvimoe.kernels` has it on (eager CPU); otherwise the plain path, grouped GEMMs as custom
-operators (:mod:`gcvimoe.moe.grouped`) that autograd differentiates and ``torch.compile`` keeps in one graph. Rows after the
-last expert's (assignments dropped by capacity) produce nothing on every path.
+CPU expert kernel when :mod:`gcvimoe.kernels` has it on (eager CPU); otherwise the plain path, grouped GEMMs as
+custom operators (:mod:`gcvimoe.moe.grouped`) that autograd differentiates and ``torch.compile`` keeps in one graph.
+Rows after the last expert's (assignments dropped by capacity) produce nothing on every path.
 """
 import math
 from typing import Callable, Optional, Tuple, Union
