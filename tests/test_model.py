@@ -24,7 +24,8 @@ def test_every_variant_as_a_timm_model(size, tmp_path):
     in_chans = 1 if small_images else 3
     model = timm.create_model(f'gcvimoe_{size}', num_classes=5, img_size=None if small_images else 32)
     layers = dict(moe_layers(model))
-    assert len(layers) == len(VARIANTS[size]['depths'][2:3] and range(1, VARIANTS[size]['depths'][2], 2)) + 1
+    # pico: every other block of its 4 stages (2, 2, 4, 2 blocks); the others: Swin-MoE's stage 3 odd blocks + 1
+    assert len(layers) == (5 if size == 'pico' else len(range(1, VARIANTS[size]['depths'][2], 2)) + 1)
     assert all(layer.num_experts == 8 and layer.top_k == 1 for layer in layers.values())
 
     x = torch.randn(2, in_chans, 32, 32)
@@ -199,6 +200,29 @@ def test_routing_maps_follow_the_feature_map():
 ])
 def test_moe_block_placements(spec, expected):
     assert resolve_moe_blocks(spec, (2, 2, 6, 2)) == expected
+
+
+def test_pico_puts_experts_in_every_stage_and_swin_pico_files_still_load(tmp_path):
+    """gcvimoe_pico's own placement is every other block of every stage, and a model built or saved with an explicit
+    placement (earlier pico files say 'swin') keeps it, so its weights load into the same layers."""
+    model = create_model('gcvimoe_pico', num_classes=10)
+    assert sorted(name for name, _ in moe_layers(model)) == [
+        'stages.0.blocks.1.mlp', 'stages.1.blocks.1.mlp', 'stages.2.blocks.1.mlp', 'stages.2.blocks.3.mlp',
+        'stages.3.blocks.1.mlp']
+    assert model.model_args['moe']['moe_blocks'] == 'every 2nd block of stages 1-4'  # saved as chosen, not null
+    assert create_model('gcvimoe_nano', num_classes=10).moe_blocks == [[], [], [1, 3, 5], [1]]
+
+    torch.manual_seed(0)
+    swin = create_model('gcvimoe_pico', num_classes=10, moe_blocks='swin').eval()
+    assert sorted(name for name, _ in moe_layers(swin)) == ['stages.2.blocks.1.mlp', 'stages.2.blocks.3.mlp',
+                                                           'stages.3.blocks.1.mlp']
+    loaded = create_model_from_checkpoint(save_model(swin, tmp_path / 'swin.safetensors')).eval()
+    assert loaded.moe_blocks == swin.moe_blocks
+    x = torch.randn(2, 1, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(x), swin(x), rtol=0, atol=0)
+    with pytest.raises(GcvimoeError, match='MoE layers at'):  # the same weights do not fit the new placement
+        load_weights(model, swin.state_dict())
 
 
 def test_placement_errors_name_both_sides():

@@ -42,7 +42,7 @@ from gcvimoe.kernels.attention import biased_attention
 from gcvimoe.kernels.residual import block_inference
 from gcvimoe.models.placement import resolve_moe_blocks
 from gcvimoe.moe import Experts, MoE, MoEConfig
-from gcvimoe.moe.config import FIELDS as moe_config_fields
+from gcvimoe.moe.config import FIELDS as MOE_FIELDS, MoEPlacement
 
 __all__ = ['GlobalContextVit', 'checkpoint_filter_fn', 'VARIANTS']
 
@@ -517,6 +517,11 @@ def _vit_init(module: nn.Module, name: str = '') -> None:
                 nn.init.normal_(bias, std=1e-6)
 
 
+def _placed(moe_config: MoEConfig, default_moe_blocks: MoEPlacement) -> MoEConfig:
+    """``moe_config`` with ``default_moe_blocks`` where it leaves the placement null."""
+    return moe_config if moe_config.moe_blocks is not None else moe_config.replace(moe_blocks=default_moe_blocks)
+
+
 class GlobalContextVit(nn.Module):
     """GC ViT, dense or with MoE MLPs (GCViMoE).
 
@@ -543,8 +548,11 @@ class GlobalContextVit(nn.Module):
             ``GlobalContextVit(weight_init='vit')``, Xavier-uniform linear weights, and each expert initialised as
             such a linear layer; MLP biases ``N(0, 1e-6)``, others zero. Routers keep their own init either way.
         moe: The MoE options (:class:`gcvimoe.moe.MoEConfig` or a dict of them); the default is the GCViMoE recipe
-            (:data:`gcvimoe.moe.GCVIMOE`: 8 experts, top-1, Swin-MoE placement, dropless evaluation).
-            ``num_experts=0`` builds the dense GC ViT.
+            (:data:`gcvimoe.moe.GCVIMOE`: 8 experts, top-1, dropless evaluation). ``num_experts=0`` builds the dense
+            GC ViT.
+        default_moe_blocks: Where the experts go when ``moe`` leaves ``moe_blocks`` null: the Swin-MoE placement
+            (``'swin'``: every other block of stage 3 and block 2 of stage 4), or any form of
+            :mod:`gcvimoe.models.placement`. ``self.moe_config`` holds the placement chosen.
         **moe_options: MoE options as flat keywords (``num_experts=8, top_k=2``), as ``timm.create_model`` passes
             them; they override ``moe``.
     """
@@ -570,6 +578,7 @@ class GlobalContextVit(nn.Module):
             norm_eps: float = 1e-5,
             weight_init: str = 'normal',
             moe: Union[MoEConfig, dict, None] = None,
+            default_moe_blocks: MoEPlacement = 'swin',
             device=None,
             dtype=None,
             **moe_options,
@@ -578,7 +587,7 @@ class GlobalContextVit(nn.Module):
         if weight_init not in ('normal', 'vit'):
             raise ValueError(f"weight_init must be 'normal' or 'vit', got {weight_init!r}")
         dd = dict(device=device, dtype=dtype)
-        moe_config = MoEConfig.resolve(moe, **moe_options)
+        moe_config = _placed(MoEConfig.resolve(moe, **moe_options), default_moe_blocks)
         act_layer = nn.GELU
         norm_layer = partial(LayerNorm2d, eps=norm_eps)
         norm_layer_cl = partial(nn.LayerNorm, eps=norm_eps)
@@ -805,10 +814,11 @@ def _cfg(**kwargs) -> dict:
 # `pico` is the small-image default of `gcvimoe train`: 8x8-token windows clipped to the feature map, so at 32 px every
 # stage attends over its whole map (8x8, 4x4, 2x2, 1x1 tokens) instead of nano's 4x4 windows in stage 1, and four
 # stage-3 blocks instead of six. Windows are given in tokens, not as a ratio of the input, so larger inputs keep
-# cheap 8x8 windows.
+# cheap 8x8 windows. Its experts go in every other block of every stage: Swin-MoE's stages 3-4 see 2x2 and 1x1 tokens
+# of a 32 px image, 5 of its 85 tokens, while every other block of every stage gives the experts all four maps.
 VARIANTS: Dict[str, dict] = {
     'pico': dict(embed_dim=32, depths=(2, 2, 4, 2), num_heads=(1, 2, 4, 8), mlp_ratio=3., img_size=32,
-                 window_size=8, weight_init='vit'),
+                 window_size=8, weight_init='vit', default_moe_blocks='every 2nd block of stages 1-4'),
     'nano': dict(embed_dim=32, depths=(2, 2, 6, 2), num_heads=(1, 2, 4, 8), mlp_ratio=3., img_size=32,
                  window_ratio=(8, 8, 16, 32)),
     'xxtiny': dict(embed_dim=64, depths=(2, 2, 6, 2), num_heads=(2, 4, 8, 16), mlp_ratio=3.),
@@ -846,9 +856,10 @@ def _variant(size: str, pretrained: bool, **kwargs) -> GlobalContextVit:
         model.pretrained_cfg = model.default_cfg = {**model.pretrained_cfg, 'input_size': (in_chans, *img_size)}
     # what a checkpoint needs to rebuild this model: the name and the arguments that differ from the variant's
     model.model_name = f'gcvimoe_{size}'
-    moe_options = {k: v for k, v in kwargs.items() if k in moe_config_fields}
     model.model_args = {k: v for k, v in kwargs.items() if k in _CONSTRUCTOR_ARGS and k != 'moe'}
-    model.model_args['moe'] = MoEConfig.resolve(kwargs.get('moe'), **moe_options).to_dict()
+    # the placement as the variant chose it, not null, so a later default cannot move a saved model's experts
+    moe_config = MoEConfig.resolve(kwargs.get('moe'), **{k: v for k, v in kwargs.items() if k in MOE_FIELDS})
+    model.model_args['moe'] = _placed(moe_config, model_args.get('default_moe_blocks', 'swin')).to_dict()
     return model
 
 

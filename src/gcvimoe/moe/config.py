@@ -43,8 +43,10 @@ class MoEConfig:
     aux_loss_weight: float = _option(0.01, "weight of the balance loss in the aux loss")
     z_loss_weight: float = _option(0.0, "weight of the ST-MoE router z-loss in the aux loss")
     shared_expert: bool = _option(False, "a dense MLP beside the experts, mixed per token (DeepSpeed's residual MoE)")
-    moe_blocks: Any = _option('swin', "where the MoE layers go (models only): 'swin', 'every 2nd block of stages 3-4', "
-                                      "'last 4 blocks', 'all', 'none' or [[-1],[-1],[1,3,5],[1]]")
+    moe_blocks: Any = _option(None, "where the MoE layers go (models only): null = the model's own placement ('swin' "
+                                    "for most, every 2nd block of stages 1-4 for gcvimoe_pico), 'swin', "
+                                    "'every 2nd block of stages 3-4', 'last 4 blocks', 'all', 'none' or "
+                                    "[[-1],[-1],[1,3,5],[1]]")
 
     def __post_init__(self):
         _check(isinstance(self.num_experts, int) and not isinstance(self.num_experts, bool) and self.num_experts >= 0,
@@ -121,4 +123,5 @@ def _check(condition: bool, message: str) -> None:
 
 GCVIMOE = MoEConfig(expert_dropout=0.1, balance_loss='importance_load')
 """The original GCViMoE recipe (Swin-MoE settings): top-1, capacity 1.25, batch priority, expert dropout 0.1, the
-importance + load balance loss at weight 0.01, the Swin-MoE placement, dropless evaluation."""
+importance + load balance loss at weight 0.01, the model's own placement (Swin-MoE's but for gcvimoe_pico's small
+maps), dropless evaluation."""

@@ -62,7 +62,7 @@ from gcvimoe.errors import GcvimoeError, did_you_mean
 from gcvimoe.files import atomic_dir, atomic_path, write_records
 from gcvimoe.models import (
     Checkpoint, build_model, experts_per_layer, load_initial_weights, model_from_checkpoint, read_checkpoint, save_model)
-from gcvimoe.moe import collect_aux_loss, collect_moe_report
+from gcvimoe.moe import collect_aux_loss, collect_moe_report, moe_layers
 from gcvimoe.moe.parallel import is_expert_parallel
 from gcvimoe.train.checks import (
     check_output_folder, checkpoint_bytes, collect_unreadable, listing_unreadable_on_error, prepare_data)
@@ -614,6 +614,10 @@ def _log_header(run: Run, state: TrainState) -> None:
         len(run.eval_loader.dataset), data_cfg.num_classes, data_cfg.img_size, data_cfg.img_size, data_cfg.in_chans,
         info.world_size, info.device, _global_batch(cfg, info), scaled_lr(cfg, _global_batch(cfg, info)),
         run.output_dir)
+    moe = getattr(run.model, "model_args", {}).get("moe") or {}
+    if moe.get("num_experts"):
+        _logger.info("experts: %d MoE layers of %d experts, top-%d, placed by %r", len(list(moe_layers(run.model))),
+                     moe["num_experts"], moe["top_k"], moe["moe_blocks"])
     if cfg.expert_parallel:
         if is_expert_parallel(run.model):
             layout = f"every process holds 1/{info.world_size} of each MoE layer's experts"
