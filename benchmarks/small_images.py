@@ -207,8 +207,10 @@ def macs_per_image():
     from gcvimoe.models.info import model_info
     from gcvimoe.train import TrainConfig
     model = TrainConfig().model
+    from gcvimoe.models import create_model
     info = model_info(model, input_size=(1, 32, 32), num_classes=10, in_chans=1, img_size=32)
-    return model, info.macs, info.dense_macs
+    placement = create_model(model, num_classes=10).model_args["moe"]["moe_blocks"]
+    return f"{model}, 8 experts, top-1, in {placement}", info.macs, info.dense_macs
 
 
 def mean_std(values):
@@ -292,7 +294,7 @@ def report(note: str = "") -> str:
         "## Small-image folders: plain `gcvimoe train --data-dir DIR` on Fashion-MNIST as PNG (`benchmarks/small_images.py`)",
         "",
         f"{machine()}. Every run is `gcvimoe train --data-dir DIR --epochs N --seed S` (`--num-experts 0` for the "
-        f"dense twin) with no other training flag: the model ({model}, 8 experts, top-1), warmup, crops, flips, "
+        f"dense twin) with no other training flag: the model ({model}), warmup, crops, flips, "
         "drop path, channels, size, normalisation, loader processes and threads (one of each on these 2 cores) all "
         "come from the defaults and the data. "
         "The test images were used for nothing but these numbers (the defaults were tuned on 10,000 images held out "
