@@ -5,7 +5,7 @@ import pytest
 import yaml
 
 from gcvimoe.train.config import (
-    TrainConfig, apply_overrides, build_config, load_yaml, parse_cli_value, save_config, scaled_lr)
+    TrainConfig, apply_overrides, build_config, find_config, load_yaml, parse_cli_value, save_config, scaled_lr)
 from gcvimoe.errors import GcvimoeError
 
 
@@ -179,3 +179,7 @@ def test_builtin_configs_by_name():
     assert cfg.resolved_dataset == "fashion-mnist" and cfg.moe.num_experts == 8
     with pytest.raises(GcvimoeError, match="did you mean 'digits'"):
         build_config("digit")
+    assert find_config("imagenet") == find_config("gcvimoe_tiny")  # the recipe name of the ImageNet default
+    assert find_config("small-images") == find_config("small_images")
+    with pytest.raises(GcvimoeError, match="did you mean 'imagenet'"):
+        build_config("imagenett")

@@ -43,7 +43,8 @@ def _help_defaults() -> dict:
 def configure(parser: argparse.ArgumentParser) -> None:
     defaults = _help_defaults() if {"-h", "--help"} & set(sys.argv[1:]) else TrainConfig().to_dict()
     parser.add_argument("-c", "--config", metavar="NAME|FILE",
-                        help=f"a built-in config ({', '.join(sorted(builtin_configs()))}) or a YAML file")
+                        help=f"a built-in config ({', '.join(sorted(builtin_configs()))}; imagenet = gcvimoe_tiny) "
+                             "or a YAML file")
     parser.add_argument("--resume", metavar="PATH",
                         help="checkpoint to continue from, or 'auto' for the output folder's last.pth (if any)")
     parser.add_argument("--print-config", action="store_true",

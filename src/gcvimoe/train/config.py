@@ -298,6 +298,10 @@ def builtin_configs() -> Dict[str, Path]:
     return {Path(entry.name).stem: Path(str(entry)) for entry in root.iterdir() if entry.name.endswith(".yaml")}
 
 
+CONFIG_ALIASES = {"imagenet": "gcvimoe_tiny"}
+"""Recipe names for built-in configs: ``-c imagenet`` is GCViMoE-T's ImageNet-1K recipe, the default ImageNet run."""
+
+
 def find_config(name_or_path) -> Path:
     """A YAML file path, or the built-in config of that name (``-c fashion_mnist`` works from any folder)."""
     path = Path(name_or_path)
@@ -309,11 +313,13 @@ def find_config(name_or_path) -> Path:
     builtins = builtin_configs()
     key = path.stem if path.suffix in (".yaml", ".yml") and len(path.parts) == 1 else str(name_or_path)
     key = key.replace("-", "_")
+    key = CONFIG_ALIASES.get(key, key)
     if key in builtins:
         return builtins[key]
-    hint = did_you_mean(key, builtins, fallback="pass the path of a YAML file")
-    raise GcvimoeError(f"config {str(name_or_path)!r} is neither a file nor a built-in config "
-                       f"({', '.join(sorted(builtins))}); {hint}")
+    names = sorted([*builtins, *CONFIG_ALIASES])
+    hint = did_you_mean(key, names, fallback="pass the path of a YAML file")
+    raise GcvimoeError(f"config {str(name_or_path)!r} is neither a file nor a built-in config ({', '.join(names)}); "
+                       f"{hint}")
 
 
 def load_yaml(path) -> Dict[str, Any]:
