@@ -204,10 +204,10 @@ def run_result(folder: Path):
 
 def macs_per_image():
     """Active MACs per 28 px grey image at the model's 32 px input, MoE (top-1) and dense, as `gcvimoe info`."""
+    from gcvimoe.models import create_model
     from gcvimoe.models.info import model_info
     from gcvimoe.train import TrainConfig
     model = TrainConfig().model
-    from gcvimoe.models import create_model
     info = model_info(model, input_size=(1, 32, 32), num_classes=10, in_chans=1, img_size=32)
     placement = create_model(model, num_classes=10).model_args["moe"]["moe_blocks"]
     return f"{model}, 8 experts, top-1, in {placement}", info.macs, info.dense_macs

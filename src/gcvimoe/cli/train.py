@@ -18,7 +18,7 @@ from gcvimoe.cli._common import PlotCallback, add_moe_options, metavar, moe_opti
 from gcvimoe.errors import GcvimoeError, nearest
 from gcvimoe.moe import config as moe_config
 from gcvimoe.train.config import (
-    FIELD_TYPES, FIELDS, TrainConfig, build_config, builtin_configs, config_yaml, parse_cli_value)
+    CONFIG_ALIASES, FIELD_TYPES, FIELDS, TrainConfig, build_config, builtin_configs, config_yaml, parse_cli_value)
 from gcvimoe.train.state import find_resume_checkpoint, load_training_checkpoint
 
 _GROUPS = (
@@ -43,8 +43,8 @@ def _help_defaults() -> dict:
 def configure(parser: argparse.ArgumentParser) -> None:
     defaults = _help_defaults() if {"-h", "--help"} & set(sys.argv[1:]) else TrainConfig().to_dict()
     parser.add_argument("-c", "--config", metavar="NAME|FILE",
-                        help=f"a built-in config ({', '.join(sorted(builtin_configs()))}; imagenet = gcvimoe_tiny) "
-                             "or a YAML file")
+                        help=f"a built-in config ({', '.join(sorted(builtin_configs()))}; "
+                             f"{', '.join(f'{a} = {b}' for a, b in CONFIG_ALIASES.items())}) or a YAML file")
     parser.add_argument("--resume", metavar="PATH",
                         help="checkpoint to continue from, or 'auto' for the output folder's last.pth (if any)")
     parser.add_argument("--print-config", action="store_true",

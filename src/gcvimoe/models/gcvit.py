@@ -42,7 +42,7 @@ from gcvimoe.kernels.attention import biased_attention
 from gcvimoe.kernels.residual import block_inference
 from gcvimoe.models.placement import resolve_moe_blocks
 from gcvimoe.moe import Experts, MoE, MoEConfig
-from gcvimoe.moe.config import FIELDS as MOE_FIELDS, MoEPlacement
+from gcvimoe.moe.config import FIELDS as MOE_FIELDS
 
 __all__ = ['GlobalContextVit', 'checkpoint_filter_fn', 'VARIANTS']
 
@@ -517,11 +517,6 @@ def _vit_init(module: nn.Module, name: str = '') -> None:
                 nn.init.normal_(bias, std=1e-6)
 
 
-def _placed(moe_config: MoEConfig, default_moe_blocks: MoEPlacement) -> MoEConfig:
-    """``moe_config`` with ``default_moe_blocks`` where it leaves the placement null."""
-    return moe_config if moe_config.moe_blocks is not None else moe_config.replace(moe_blocks=default_moe_blocks)
-
-
 class GlobalContextVit(nn.Module):
     """GC ViT, dense or with MoE MLPs (GCViMoE).
 
@@ -549,10 +544,7 @@ class GlobalContextVit(nn.Module):
             such a linear layer; MLP biases ``N(0, 1e-6)``, others zero. Routers keep their own init either way.
         moe: The MoE options (:class:`gcvimoe.moe.MoEConfig` or a dict of them); the default is the GCViMoE recipe
             (:data:`gcvimoe.moe.GCVIMOE`: 8 experts, top-1, dropless evaluation). ``num_experts=0`` builds the dense
-            GC ViT.
-        default_moe_blocks: Where the experts go when ``moe`` leaves ``moe_blocks`` null: the Swin-MoE placement
-            (``'swin'``: every other block of stage 3 and block 2 of stage 4), or any form of
-            :mod:`gcvimoe.models.placement`. ``self.moe_config`` holds the placement chosen.
+            GC ViT. A null ``moe_blocks`` is the Swin-MoE placement; the registered variants fill in their own.
         **moe_options: MoE options as flat keywords (``num_experts=8, top_k=2``), as ``timm.create_model`` passes
             them; they override ``moe``.
     """
@@ -578,7 +570,6 @@ class GlobalContextVit(nn.Module):
             norm_eps: float = 1e-5,
             weight_init: str = 'normal',
             moe: Union[MoEConfig, dict, None] = None,
-            default_moe_blocks: MoEPlacement = 'swin',
             device=None,
             dtype=None,
             **moe_options,
@@ -587,7 +578,7 @@ class GlobalContextVit(nn.Module):
         if weight_init not in ('normal', 'vit'):
             raise ValueError(f"weight_init must be 'normal' or 'vit', got {weight_init!r}")
         dd = dict(device=device, dtype=dtype)
-        moe_config = _placed(MoEConfig.resolve(moe, **moe_options), default_moe_blocks)
+        moe_config = MoEConfig.resolve(moe, **moe_options)
         act_layer = nn.GELU
         norm_layer = partial(LayerNorm2d, eps=norm_eps)
         norm_layer_cl = partial(nn.LayerNorm, eps=norm_eps)
@@ -845,10 +836,17 @@ _CONSTRUCTOR_ARGS = frozenset(inspect.signature(GlobalContextVit.__init__).param
 
 def _variant(size: str, pretrained: bool, **kwargs) -> GlobalContextVit:
     model_args = dict(VARIANTS[size])
+    placement = model_args.pop('default_moe_blocks', 'swin')
     if size in SMALL_INPUT:
         model_args.update(in_chans=1)
     model_args.update(kwargs)
-    model = _create_gcvimoe(f'gcvimoe_{size}', pretrained=pretrained, **model_args)
+    # the MoE options resolved once, with the variant's placement where they leave it null; the model and its saved
+    # arguments get this concrete config, so a later default cannot move a saved model's experts
+    moe_config = MoEConfig.resolve(model_args.pop('moe', None),
+                                   **{k: model_args.pop(k) for k in list(model_args) if k in MOE_FIELDS})
+    if moe_config.moe_blocks is None:
+        moe_config = moe_config.replace(moe_blocks=placement)
+    model = _create_gcvimoe(f'gcvimoe_{size}', pretrained=pretrained, moe=moe_config, **model_args)
     # the registered input size is the variant's default; timm's data helpers read the built model's own
     in_chans, input_size = model_args.get('in_chans', 3), model.pretrained_cfg['input_size']
     img_size = getattr(model, 'img_size', None)  # a features_only wrapper has none, and no data config to serve
@@ -857,9 +855,7 @@ def _variant(size: str, pretrained: bool, **kwargs) -> GlobalContextVit:
     # what a checkpoint needs to rebuild this model: the name and the arguments that differ from the variant's
     model.model_name = f'gcvimoe_{size}'
     model.model_args = {k: v for k, v in kwargs.items() if k in _CONSTRUCTOR_ARGS and k != 'moe'}
-    # the placement as the variant chose it, not null, so a later default cannot move a saved model's experts
-    moe_config = MoEConfig.resolve(kwargs.get('moe'), **{k: v for k, v in kwargs.items() if k in MOE_FIELDS})
-    model.model_args['moe'] = _placed(moe_config, model_args.get('default_moe_blocks', 'swin')).to_dict()
+    model.model_args['moe'] = moe_config.to_dict()
     return model
 
 

@@ -3,8 +3,8 @@
 Accepted forms (stages and blocks are 0-based in lists, 1-based in sentences, as people say them):
 
 - ``None`` or ``"swin"``: the Swin-MoE / original GCViMoE placement, every other block of stage 3 (the
-  global-query blocks, indices 1, 3, 5, ...: blocks 2, 4, 6 in words) and index 1 of stage 4 (its block 2). A model
-  replaces ``None`` by its own placement first (``default_moe_blocks``; pico's is every 2nd block of stages 1-4).
+  global-query blocks, indices 1, 3, 5, ...: blocks 2, 4, 6 in words) and index 1 of stage 4 (its block 2). The
+  registered variants replace ``None`` by their own first (gcvimoe_pico's is every 2nd block of stages 1-4).
 - A per-stage list, the original project's form: ``[[-1], [-1], [1, 3, 5], [1]]`` (-1 = no experts in that stage).
 - ``"every 2nd block of stages 3-4"`` (also ``"every 2 blocks in stage 3"``, ``"every block of stages 2-4"``): blocks
   1, 3, 5, ... (for 2), i.e. every k-th block counting from the first, in the named stages.

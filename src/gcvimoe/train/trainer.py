@@ -614,8 +614,8 @@ def _log_header(run: Run, state: TrainState) -> None:
         len(run.eval_loader.dataset), data_cfg.num_classes, data_cfg.img_size, data_cfg.img_size, data_cfg.in_chans,
         info.world_size, info.device, _global_batch(cfg, info), scaled_lr(cfg, _global_batch(cfg, info)),
         run.output_dir)
-    moe = getattr(run.model, "model_args", {}).get("moe") or {}
-    if moe.get("num_experts"):
+    moe = run.model.model_args["moe"]
+    if moe["num_experts"]:
         _logger.info("experts: %d MoE layers of %d experts, top-%d, placed by %r", len(list(moe_layers(run.model))),
                      moe["num_experts"], moe["top_k"], moe["moe_blocks"])
     if cfg.expert_parallel:
