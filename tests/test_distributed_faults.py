@@ -225,8 +225,9 @@ def test_a_sharded_checkpoint_index_never_runs_code(tmp_path, sharded_folder):
     assert not (tmp_path / "ran").exists()
 
 
-# The whole command: an expert-parallel torchrun job saves sharded folders by default, writes the model folder from
-# best/, and its last/ resumes in one process with --resume auto.
+# The whole command: an expert-parallel torchrun job saves sharded folders by default, keeps the newest --keep-last
+# checkpoint-<epoch>/ folders, writes the model folder from best/, and its last/ resumes in one process with
+# --resume auto.
 TINY = ["--model", "gcvimoe_nano", "--model-kwargs", "{embed_dim: 16}", "--num-experts", "4", "--img-size", "32",
         "--batch-size", "4", "--warmup-epochs", "0", "--lr", "1e-3", "--workers", "0", "--threads", "1",
         "--no-tensorboard"]
@@ -237,17 +238,20 @@ def test_an_expert_parallel_run_saves_sharded_and_resumes_on_one_process(tmp_pat
     data = make_image_folder(tmp_path / "images", train_per_class=4, val_per_class=2)
     output = tmp_path / "run"
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-               "-m", "gcvimoe", "train", *TINY, "--epochs", "1", "--data-dir", str(data), "--expert-parallel",
-               "--output", str(output)]
+               "-m", "gcvimoe", "train", *TINY, "--epochs", "3", "--data-dir", str(data), "--expert-parallel",
+               "--checkpoint-every", "1", "--keep-last", "2", "--output", str(output)]
     done = subprocess.run(command, env=dict(os.environ, OMP_NUM_THREADS="1"), capture_output=True, text=True,
                           timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     assert is_sharded_checkpoint(output / "last") and is_sharded_checkpoint(output / "best")
     assert not (output / "last.pth").exists()
+    assert sorted(p.name for p in output.glob("checkpoint-*")) == ["checkpoint-2", "checkpoint-3"]
+    assert all(is_sharded_checkpoint(output / name) for name in ("checkpoint-2", "checkpoint-3"))
+    assert read_checkpoint(output / "checkpoint-3").training["epoch"] == 3
     assert (output / "model" / "model.safetensors").is_file()
-    assert main(["train", *TINY, "--epochs", "2", "--data-dir", str(data), "--output", str(output),
+    assert main(["train", *TINY, "--epochs", "4", "--data-dir", str(data), "--output", str(output),
                  "--resume", "auto"]) == 0
-    assert "resumed after epoch 1" in capsys.readouterr().out
+    assert "resumed after epoch 3" in capsys.readouterr().out
     # one process saves a file (checkpoint_format auto), which --resume auto now prefers as the newer
     assert find_resume_checkpoint("auto", str(output)) == output / "last.pth"
-    assert read_checkpoint(output / "last.pth").training["epoch"] == 2
+    assert read_checkpoint(output / "last.pth").training["epoch"] == 4
