@@ -169,8 +169,8 @@ def main_cuda(args) -> None:
         '',
         f"Latest run: {machine()}; 224 px, bf16 autocast, fp32 weights; {args.repeats} repeat(s) of {args.rounds} "
         "interleaved rounds. Train step = forward + cross-entropy + aux loss + backward. Time ratio MoE / dense = "
-        "ratio of median times; the range is over repeats. Target: the compiled train step at most 1.25x the compiled "
-        "dense twin.",
+        "ratio of median times, each the median over repeats; the range is over repeats. Target: the compiled train "
+        "step at most 1.25x the compiled dense twin.",
         '',
         '| batch | mode | MoE img/s | dense img/s | MoE / dense | range |',
         '|---|---|---|---|---|---|',
@@ -192,7 +192,7 @@ def main_cuda(args) -> None:
                 times = interleaved_times({label: functools.partial(cuda_step, m, x, y, train)
                                            for label, m in models.items()}, rounds=args.rounds, warmup=3)
                 results.append((median(times['MoE']), median(times['dense'])))
-            moe, dense = results[-1]
+            moe, dense = (statistics.median(column) for column in zip(*results))
             mode = ('compiled ' if compiled else 'eager ') + ('train step' if train else 'inference')
             row = (f"| {batch} | {mode} | {batch / moe:.0f} | {batch / dense:.0f} | **{moe / dense:.3f}** "
                    f"| {_range([m / d for m, d in results])} |")
