@@ -60,6 +60,24 @@ def test_moe_layer_compiles_with_inductor():
         torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-5)
 
 
+def test_compiled_layer_routes_where_dynamo_reads_is_exporting_as_true(monkeypatch):
+    """Before pytorch/pytorch#176499, dynamo replaced ``torch.compiler.is_exporting()`` by True inside every trace,
+    ``torch.compile`` included. The patch gives this torch that behaviour. The compiled layer must still dispatch
+    (drops at capacity 1, routing statistics), not take the export path (dropless, every expert, no statistics)."""
+    monkeypatch.setattr(torch.compiler, "is_exporting", lambda: torch.compiler.is_compiling())
+    layer = _layer("linear", 1.0, True)
+    x = torch.randn(2, 12, 8, requires_grad=True)
+    params = list(layer.parameters())
+    torch._dynamo.reset()
+    compiled = _run(torch.compile(layer, fullgraph=True, backend="aot_eager"), x, params)
+    assert layer.stats is not None and layer.stats.dropped_fraction > 0
+    with kernels.enabled_only(False):
+        eager = _run(layer, x, params)
+    torch.testing.assert_close(compiled[0], eager[0], rtol=1e-5, atol=1e-5)
+    for got, expected in zip(compiled[1], eager[1]):
+        torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+
+
 def test_new_routing_does_not_recompile():
     """Three batches that route differently (different token counts per expert and drops) run one graph."""
     layer = _layer("linear", 1.0, True)

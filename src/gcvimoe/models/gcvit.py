@@ -43,6 +43,7 @@ from gcvimoe.kernels.residual import block_inference
 from gcvimoe.models.placement import resolve_moe_blocks
 from gcvimoe.moe import Experts, MoE, MoEConfig
 from gcvimoe.moe.config import FIELDS as MOE_FIELDS
+from gcvimoe.tracing import exporting
 
 __all__ = ['GlobalContextVit', 'checkpoint_filter_fn', 'VARIANTS']
 
@@ -238,7 +239,7 @@ class WindowAttentionGlobal(nn.Module):
             bias = bias + key_mask.to(q.dtype)
         if self._use_attention_kernel(x):
             x = biased_attention(q, k, v, bias, self.head_dim ** -0.5)
-        elif torch.compiler.is_exporting():
+        elif exporting():
             # the plain ops: ONNX decomposes SDPA into an output of other strides than the traced one
             x = ((q * self.head_dim ** -0.5) @ k.transpose(-2, -1) + bias).softmax(-1) @ v
         else:
@@ -480,7 +481,7 @@ class GlobalContextVitStage(nn.Module):
         # symbolic tracing (timm's fx feature extraction) lays windows out for the configured size
         feat_size = self.feat_size if _fx_tracing() else tuple(x.shape[-2:])
         layout = WindowLayout(feat_size, self.window_size, None if _fx_tracing() else x.device)
-        if not torch.compiler.is_exporting():
+        if not exporting():
             self.last_layout = layout  # for routing_maps(): where each token of the last input sat
         q_global = self._global_queries(x, layout)
         key_mask = layout.window_batch_mask(b)

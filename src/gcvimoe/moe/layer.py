@@ -24,6 +24,7 @@ from gcvimoe.moe.router import (
     CosineRouter, LinearRouter, Routing, expert_choice_routing, expert_probs, top_k_routing,
 )
 from gcvimoe.moe.stats import MoEReport, RoutingStats, routing_stats
+from gcvimoe.tracing import exporting
 
 
 class MoE(nn.Module):
@@ -158,7 +159,7 @@ class MoE(nn.Module):
         else:
             noise_std = self.gate_noise / self.num_experts if self.training else 0.
             routing = top_k_routing(logits, self.top_k, normalize_gates=self.normalize_gates, noise_std=noise_std)
-        if torch.compiler.is_exporting():
+        if exporting():
             return self._exported_forward(tokens, routing).reshape(*input_shape, self.out_features)
         plan = plan_dispatch(routing, self.num_experts, capacity, batch_priority=self.batch_priority)
         out = self._add_shared_expert(tokens, self.experts(tokens, plan.tokens_per_expert, plan.token_index,
