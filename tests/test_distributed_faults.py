@@ -138,6 +138,7 @@ def _save_worker(rank, init_file, folder):
         reference = full_state(model, optimizer, ema, info)
         if info.is_primary:
             torch.save(reference, folder / "reference.pth")
+        dist.barrier()  # a process that tears gloo down while a peer still works can abort (SIGABRT)
     finally:
         dist.destroy_process_group()
 
@@ -152,6 +153,7 @@ def _load_worker(rank, world_size, init_file, folder):
         loaded = full_state(model, optimizer, ema, info)
         if info.is_primary:
             torch.save(loaded, folder / f"loaded-{world_size}.pth")
+        dist.barrier()
     finally:
         dist.destroy_process_group()
 

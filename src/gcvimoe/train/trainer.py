@@ -68,8 +68,8 @@ from gcvimoe.train.checks import (
     check_output_folder, checkpoint_bytes, collect_unreadable, listing_unreadable_on_error, prepare_data)
 from gcvimoe.train.config import TrainConfig, parse_duration, save_config, scaled_lr
 from gcvimoe.train.distributed import (
-    DistInfo, all_gather_objects, all_reduce_sum, average_expert_grads, check_expert_parallel_optimizer, cleanup,
-    clip_grad_norm_expert_parallel, collective_failure, full_state, is_collective_failure, init_distributed,
+    DistInfo, all_gather_objects, all_reduce_sum, average_expert_grads, barrier, check_expert_parallel_optimizer,
+    cleanup, clip_grad_norm_expert_parallel, collective_failure, full_state, is_collective_failure, init_distributed,
     load_sharded, local_optimizer_state, local_state_dict, save_sharded, shard_experts, sharded_state, wrap_model)
 from gcvimoe.train.evaluate import evaluate, iterate
 from gcvimoe.train.recipe import DERIVED_RECIPE, derive_recipe
@@ -391,7 +391,9 @@ def train(cfg: TrainConfig, resume: Optional[Dict[str, Any]] = None, callbacks: 
         run.notes += [f"{key} {_short(value)} (from {origin})" for key, value, origin in _origin_items(cfg, origins)]
         _check_output_dir(run.output_dir, resumed=resume is not None, overwrite=cfg.overwrite)
         state = _restore(resume, run) if resume is not None else TrainState()
-        return _train(run, state, resume is not None, callbacks)
+        result = _train(run, state, resume is not None, callbacks)
+        barrier(info)  # a process that tears gloo down while a peer still works (writing the model folder) can abort
+        return result
     except RuntimeError as e:  # a collective timed out or lost its peer (the heartbeat names a frozen process)
         if is_collective_failure(e, info):
             raise collective_failure(e, info) from None
