@@ -118,7 +118,10 @@ def run_case(case: Case, rounds: int, device: str = 'cpu', token_scale: int = 1,
         result[f'{mode}_best_ratio'] = min(times['moe']) / min(times['dense'])
         result[f'{mode}_dense_ms'] = 1e3 * statistics.median(times['dense'])
         stats = moe_module.stats
-        result[f'{mode}_dropped'] = float('nan') if stats is None else stats.dropped_fraction.item()
+        if stats is None:  # a layer that routed records statistics; one that ran the export path does not
+            raise SystemExit(f"{case.name} {mode}: the MoE layer recorded no routing statistics, so it did not "
+                             "dispatch its tokens; the timings would not be the dispatch's")
+        result[f'{mode}_dropped'] = stats.dropped_fraction.item()
         peaks = {}
         for name, model in (('dense', dense), ('moe', moe)):
             clear_grads()  # gradients freed inside the profiled step would be frees of unknown size
