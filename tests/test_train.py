@@ -152,6 +152,21 @@ def test_torchrun_two_processes_gloo(run_a, data_dir, tmp_path, capsys):
     assert result["top1"] == pytest.approx(float(rows[-1]["eval_top1"]), abs=1e-4)
 
 
+@pytest.mark.slow
+def test_torchrun_compile_trains_as_the_eager_ddp_run(data_dir, tmp_path):
+    """``train --compile`` under torchrun (DDP, 2 gloo processes) trains the weights the eager DDP run trains. No
+    expert dropout: the compiled graph draws its random numbers in its own way."""
+    args = [*TINY, "--epochs", "1", "--data-dir", str(data_dir), "--expert-dropout", "0"]
+    torchrun_train(args, tmp_path / "eager")
+    torchrun_train([*args, "--compile"], tmp_path / "compiled")
+    eager, compiled = (torch.load(tmp_path / name / "last.pth", map_location="cpu", weights_only=True)
+                       for name in ("eager", "compiled"))
+    for name, value in eager["state_dict"].items():
+        torch.testing.assert_close(compiled["state_dict"][name], value, rtol=1e-3, atol=1e-4, msg=name)
+    eager_row, compiled_row = (read_summary(tmp_path / name / "summary.csv")[0] for name in ("eager", "compiled"))
+    assert float(compiled_row["train_loss"]) == pytest.approx(float(eager_row["train_loss"]), rel=1e-4)
+
+
 # Expert-parallel twins of a DDP run: without expert dropout, whose masks are drawn on the process that computes a
 # row, the two must train the same weights. SGD keeps rounding differences small, and the small clipping threshold
 # clips every step, so the clipping norm must be the whole job's.
