@@ -192,7 +192,7 @@ def main_cuda(args) -> None:
                 times = interleaved_times({label: functools.partial(cuda_step, m, x, y, train)
                                            for label, m in models.items()}, rounds=args.rounds, warmup=3)
                 results.append((median(times['MoE']), median(times['dense'])))
-            moe, dense = (statistics.median(column) for column in zip(*results))
+            moe, dense = _median_over_repeats(results)
             mode = ('compiled ' if compiled else 'eager ') + ('train step' if train else 'inference')
             row = (f"| {batch} | {mode} | {batch / moe:.0f} | {batch / dense:.0f} | **{moe / dense:.3f}** "
                    f"| {_range([m / d for m, d in results])} |")
