@@ -29,6 +29,13 @@ def _run(module, x, params):
     return out.detach(), torch.autograd.grad(loss, [x, *params])
 
 
+def _assert_equal_runs(compiled, eager, grad_rtol=1e-5):
+    """Outputs and gradients of two :func:`_run` results agree."""
+    torch.testing.assert_close(compiled[0], eager[0], rtol=1e-5, atol=1e-5)
+    for got, expected in zip(compiled[1], eager[1]):
+        torch.testing.assert_close(got, expected, rtol=grad_rtol, atol=1e-5)
+
+
 @pytest.mark.parametrize("train", [True, False], ids=["train", "eval"])
 @pytest.mark.parametrize("capacity_factor", [1.0, 0.0], ids=["capacity", "dropless"])
 @pytest.mark.parametrize("router", ROUTERS)
@@ -40,9 +47,7 @@ def test_moe_layer_compiles_fullgraph_and_equals_eager(router, capacity_factor, 
     compiled = _run(torch.compile(layer, fullgraph=True, backend="aot_eager"), x, params)
     with kernels.enabled_only(False):
         eager = _run(layer, x, params)
-    torch.testing.assert_close(compiled[0], eager[0], rtol=1e-5, atol=1e-5)
-    for got, expected in zip(compiled[1], eager[1]):
-        torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+    _assert_equal_runs(compiled, eager)
     if capacity_factor and router != "expert_choice":  # (expert choice never drops)
         assert layer.stats.dropped_fraction > 0  # the case exercises the tail of dropped assignments
 
@@ -55,9 +60,7 @@ def test_moe_layer_compiles_with_inductor():
     compiled = _run(torch.compile(layer, fullgraph=True), x, params)
     with kernels.enabled_only(False):
         eager = _run(layer, x, params)
-    torch.testing.assert_close(compiled[0], eager[0], rtol=1e-5, atol=1e-5)
-    for got, expected in zip(compiled[1], eager[1]):
-        torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-5)
+    _assert_equal_runs(compiled, eager, grad_rtol=1e-4)
 
 
 def test_compiled_layer_routes_where_dynamo_reads_is_exporting_as_true(monkeypatch):
@@ -73,9 +76,7 @@ def test_compiled_layer_routes_where_dynamo_reads_is_exporting_as_true(monkeypat
     assert layer.stats is not None and layer.stats.dropped_fraction > 0
     with kernels.enabled_only(False):
         eager = _run(layer, x, params)
-    torch.testing.assert_close(compiled[0], eager[0], rtol=1e-5, atol=1e-5)
-    for got, expected in zip(compiled[1], eager[1]):
-        torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+    _assert_equal_runs(compiled, eager)
 
 
 def test_new_routing_does_not_recompile():
