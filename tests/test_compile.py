@@ -143,3 +143,62 @@ def test_train_compile_matches_the_eager_run(tmp_path):
     (eager_losses, eager_top1), (compiled_losses, compiled_top1) = results[False], results[True]
     assert abs(compiled_losses[0] - eager_losses[0]) < 1e-5
     assert abs(compiled_top1 - eager_top1) <= 2.0
+
+
+@pytest.fixture
+def gpu_path():
+    """The GPU's expert path (two grouped GEMMs between two gathers), run on the CPU; it traces in half precision
+    only (the grouped GEMM's shape function wants bf16 or fp16, as the GPU kernel does)."""
+    from gcvimoe.moe import set_expert_path
+    previous = set_expert_path("grouped_mm")
+    yield torch.bfloat16
+    set_expert_path(previous)
+
+
+@pytest.mark.parametrize("train", [True, False], ids=["train", "eval"])
+@pytest.mark.parametrize("capacity_factor", [1.0, 0.0], ids=["capacity", "dropless"])
+@pytest.mark.parametrize("router", ROUTERS)
+def test_gpu_path_compiles_fullgraph_and_equals_eager(gpu_path, router, capacity_factor, train):
+    layer = _layer(router, capacity_factor, train).to(gpu_path)
+    x = torch.randn(2, 12, 8, dtype=gpu_path, requires_grad=True)
+    params = list(layer.parameters())
+    torch._dynamo.reset()
+    compiled = _run(torch.compile(layer, fullgraph=True, backend="aot_eager"), x, params)
+    eager = _run(layer, x, params)
+    torch.testing.assert_close(compiled[0], eager[0], rtol=0, atol=0)
+    for got, expected in zip(compiled[1], eager[1]):
+        torch.testing.assert_close(got, expected, rtol=0, atol=0)
+
+
+def test_gpu_path_new_routing_does_not_recompile(gpu_path):
+    layer = _layer("linear", 1.0, True).to(gpu_path)
+    torch._dynamo.reset()
+    compiled = torch.compile(layer, fullgraph=True, backend="aot_eager")
+    counts = []
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        for seed in range(3):
+            torch.manual_seed(seed)
+            compiled(torch.randn(2, 12, 8, dtype=gpu_path) * (seed + 1)).sum().backward()
+            counts.append(layer.stats.kept_tokens_per_expert.tolist())
+    assert len({tuple(c) for c in counts}) == 3
+
+
+@pytest.mark.parametrize("train", [True, False], ids=["train", "eval"])
+def test_model_on_the_gpu_path_compiles_fullgraph_and_equals_eager(gpu_path, train):
+    """gcvimoe_nano in bf16 on the GPU's expert path: one graph, the same outputs and gradients as eager."""
+    torch.manual_seed(0)
+    model = gcvimoe.create_model("gcvimoe_nano", num_classes=10, expert_dropout=0.0).to(gpu_path).train(train)
+    x = torch.randn(4, model.in_chans, *model.img_size, dtype=gpu_path)
+    params = [p for p in model.parameters() if p.requires_grad]
+    results = []
+    for compiled in (True, False):
+        torch._dynamo.reset()
+        forward = torch.compile(model, fullgraph=True, backend="aot_eager") if compiled else model
+        with kernels.enabled_only(False), torch.set_grad_enabled(train):  # the attention's plain path in both
+            out = forward(x)
+        grads = torch.autograd.grad(out.float().square().sum() + collect_aux_loss(model), params) if train else ()
+        results.append((out, grads))
+    (compiled_out, compiled_grads), (eager_out, eager_grads) = results
+    torch.testing.assert_close(compiled_out, eager_out, rtol=0, atol=0)
+    for got, expected in zip(compiled_grads, eager_grads):
+        torch.testing.assert_close(got, expected, rtol=0, atol=0)

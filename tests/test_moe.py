@@ -189,7 +189,7 @@ def test_eval_uses_eval_capacity_factor():
     assert layer.capacity(64) is None
     layer(x)
     assert layer.stats.dropped_fraction == 0
-    layer.eval_capacity_factor = 0.25
+    layer.config = layer.config.replace(eval_capacity_factor=0.25)
     assert layer.capacity(64) == 4
     layer(x)
     assert layer.stats.kept_tokens_per_expert.max() <= 4
@@ -593,8 +593,9 @@ def test_a_dropout_rate_below_16_bit_resolution_drops_nothing():
                                experts.eval()(x, tokens_per_expert, token_index))
 
 
-def test_outcome_without_autograd_is_computed_on_read(monkeypatch):
-    """Without autograd the losses and statistics wait until read, and then equal those of a pass with autograd."""
+def test_outcome_is_computed_on_read(monkeypatch):
+    """The losses and statistics wait until read (the aux loss of a pass with autograd excepted: its backward needs
+    it), each on its own, and then equal those of a pass that read them at once."""
     from gcvimoe.moe import layer as layer_module
     from gcvimoe.moe.stats import routing_stats
     torch.manual_seed(0)
@@ -611,13 +612,18 @@ def test_outcome_without_autograd_is_computed_on_read(monkeypatch):
     assert calls == []
     copy.deepcopy(layer)  # EMA copies a model between passes
     torch.testing.assert_close(layer.aux_loss, eager_aux)
-    assert calls == [1]
     assert layer.losses.keys() == eager_losses.keys()
     for name, value in eager_losses.items():
         torch.testing.assert_close(layer.losses[name], value)
+    assert calls == []
     for field in ('tokens_per_expert', 'kept_tokens_per_expert', 'router_entropy', 'top1_expert'):
         torch.testing.assert_close(getattr(layer.stats, field), getattr(eager_stats, field))
     assert calls == [1]
+
+    layer.train()(x).sum().backward()  # training: statistics still only when read
+    assert calls == [1] and layer.aux_loss.requires_grad
+    layer.stats
+    assert calls == [1, 1]
 
 
 def test_grouped_mm_bias_gradient_sums_bf16_rows_in_fp32():

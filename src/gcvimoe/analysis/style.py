@@ -36,4 +36,4 @@ def expert_colors(num_experts: int) -> List[RGB]:
 def capacity_applies(layer: nn.Module) -> bool:
     """Whether an MoE layer in evaluation can drop tokens: an evaluation capacity factor, or expert choice (whose
     experts each take a fixed number of tokens); dropless evaluation never drops, so a 0 % there says nothing."""
-    return layer.router_type == 'expert_choice' or layer.eval_capacity_factor > 0
+    return layer.config.router == 'expert_choice' or layer.config.eval_capacity_factor > 0

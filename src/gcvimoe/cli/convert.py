@@ -60,7 +60,7 @@ def _placement(text):
 def _onnx(args: argparse.Namespace) -> int:
     model = create_model_from_checkpoint(args.checkpoint)
     layers = dict(moe_layers(model))
-    if layers and any(layer.eval_capacity_factor > 0 for layer in layers.values()):
+    if layers and any(layer.config.eval_capacity_factor > 0 for layer in layers.values()):
         print(f"note: {args.checkpoint} evaluates with capacity (eval_capacity_factor "
               f"{next(iter(layers.values())).eval_capacity_factor}); the ONNX export is dropless: every token gets "
               f"its experts")

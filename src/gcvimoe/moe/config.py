@@ -13,8 +13,8 @@ from dataclasses import dataclass, field
 from typing import Any, Dict, Mapping, Optional, Sequence, Union
 
 from gcvimoe.errors import GcvimoeError, did_you_mean
+from gcvimoe.moe.router import ROUTERS
 
-ROUTERS = ('linear', 'cosine', 'expert_choice')
 BALANCE_LOSSES = ('gshard', 'importance_load', 'none')
 
 MoEPlacement = Optional[Union[str, Sequence[Sequence[int]]]]
@@ -33,8 +33,8 @@ class MoEConfig:
                                            "tokens; 0 = dropless")
     eval_capacity_factor: float = _option(0.0, "capacity factor in evaluation; 0 = dropless, so a prediction never "
                                                "depends on the rest of the batch")
-    router: str = _option('linear', "linear (softmax over experts, then top-k), cosine (Swin-MoE) or expert_choice",
-                          ROUTERS)
+    router: str = _option('linear', "linear (softmax over experts, then top-k), cosine (Swin-MoE), expert_choice, or "
+                                    "one added with gcvimoe.moe.register_router", ROUTERS)
     normalize_gates: bool = _option(False, "divide a token's k gates by their sum (before capacity drops)")
     batch_priority: bool = _option(True, "batch-priority routing: the most confident tokens claim slots first")
     gate_noise: float = _option(0.0, "noisy routing in training: logit noise of std gate_noise / num_experts")

@@ -9,6 +9,7 @@ CPU expert kernel when :mod:`gcvimoe.kernels` has it on (eager CPU); otherwise t
 custom operators (:mod:`gcvimoe.moe.grouped`) that autograd differentiates and ``torch.compile`` keeps in one graph.
 Rows after the last expert's (assignments dropped by capacity) produce nothing on every path.
 """
+import functools
 import math
 from typing import Callable, Optional, Tuple, Union
 
@@ -20,8 +21,12 @@ from timm.layers import to_2tuple
 from gcvimoe import kernels
 from gcvimoe.kernels.dropout import dropout_bits
 from gcvimoe.kernels.experts import expert_mlp
-from gcvimoe.moe.dispatch import combine
+from gcvimoe.moe.dispatch import SortedPlan, combine
+from gcvimoe.moe.gather import CombineRows, GatherRows
 from gcvimoe.moe.grouped import group_of_rows, grouped_mm, rows_in_groups
+from gcvimoe.moe.router import autocast_dtype, autocast_off
+
+BIAS_COLUMNS = 8  # a bias folded into a grouped GEMM is one weight row, padded to keep rows 16-byte aligned
 
 
 def _grouped_mm_supported(x: Tensor, weight: Tensor) -> bool:
@@ -93,8 +98,10 @@ class Experts(nn.Module):
         return (f"num_experts={self.num_experts}, in_features={self.in_features}, "
                 f"hidden_features={self.hidden_features}, out_features={self.out_features}")
 
-    def forward(self, x: Tensor, tokens_per_expert: Tensor, token_index: Tensor, gates: Optional[Tensor] = None
-                ) -> Tensor:
+    local_experts_only = True  # every expert lives in this process (the sorted path needs that)
+
+    def forward(self, x: Tensor, tokens_per_expert: Tensor, token_index: Tensor, gates: Optional[Tensor] = None,
+                kernel: Optional[bool] = None) -> Tensor:
         """Run every expert on its tokens and sum the gated outputs back per token.
 
         Args:
@@ -102,24 +109,66 @@ class Experts(nn.Module):
             tokens_per_expert: Rows per expert ``[e]``; expert ``i``'s rows follow expert ``i - 1``'s.
             token_index: Token each row reads and writes ``[n]``, grouped by expert.
             gates: Weight of each row's output ``[n]``, or None for 1.
+            kernel: Run the CPU expert kernel (True), the plain path (False), or decide by device (None).
 
         Returns:
             ``[t, d_out]``: per token, the gated sum of its rows' expert outputs (zeros for a token without rows), in
             the autocast dtype when autocast is on.
         """
-        device_type = x.device.type
-        if torch.is_autocast_enabled(device_type):
-            x = x.to(torch.get_autocast_dtype(device_type))
-        params = [None if p is None else p.to(x.dtype)
-                  for p in (self.fc1_weight, self.fc1_bias, self.fc2_weight, self.fc2_bias)]
+        x, params = self._cast(x)
         gates = None if gates is None else gates.to(x.dtype)
-        with torch.autocast(device_type, enabled=False):
-            if self._use_kernel(x):
+        with autocast_off(x):
+            if self._use_kernel(x) if kernel is None else kernel:
                 out = expert_mlp(x, tuple(params), gates, token_index, tokens_per_expert, self.act,
                                  self.drop1.p if self.training else 0.)
             else:
                 out = self._rows_forward(x, params, tokens_per_expert, token_index, gates)
         return self.drop2(out)
+
+    def forward_sorted(self, x: Tensor, plan: SortedPlan, expert_index: Tensor, gates: Tensor) -> Tensor:
+        """The grouped-GEMM path: every expert on its group of the plan's sorted rows, gated and summed per token.
+
+        Two ``F.grouped_mm`` calls between two gathers, and nothing else over the rows: fc1's bias is one more row
+        of its weight, met by a column of ones that the gather appends to the rows it writes (its gradient comes out
+        of the weight gradient's GEMM); fc2's bias is added per token in the combine, as ``(gates one-hot) @ bias``.
+        A dropped assignment is computed in its expert's group and weighted 0.
+
+        Args:
+            x: Tokens ``[t, d]``.
+            plan: The sorted plan of :func:`gcvimoe.moe.dispatch.plan_sorted`.
+            expert_index: Expert of each assignment ``[n]`` (choice-major).
+            gates: Weight of each assignment ``[n]`` (choice-major), 0 for a dropped one.
+
+        Returns:
+            ``[t, d_out]``, in the autocast dtype when autocast is on.
+        """
+        x, (fc1_weight, fc1_bias, fc2_weight, fc2_bias) = self._cast(x)
+        offsets, gates = plan.bounds[1:], gates.to(x.dtype)
+        pad = None if fc1_bias is None else _bias_column(x.dtype, x.device)
+        with autocast_off(x):
+            if plan.row_token is None:
+                rows = GatherRows.apply(x, plan.row_assignment, plan.assignment_row, pad)
+            else:  # expert choice: a token may feed any number of rows, so its gradient is a sum (index_add)
+                rows = x.index_select(0, plan.row_token)
+                rows = rows if pad is None else torch.cat([rows, pad.expand(rows.shape[0], BIAS_COLUMNS)], 1)
+            hidden = F.grouped_mm(rows, _with_bias_row(fc1_weight, fc1_bias), offs=offsets)
+            out = F.grouped_mm(self._hidden_dropout(self.act(hidden)), fc2_weight, offs=offsets)
+            if plan.row_token is None:
+                out = CombineRows.apply(out, gates, fc2_bias, expert_index, plan.row_assignment, plan.assignment_row,
+                                        x.shape[0])
+            else:
+                row_gates = gates.index_select(0, plan.row_assignment)
+                if fc2_bias is not None:
+                    out = out + fc2_bias.index_select(0, expert_index.index_select(0, plan.row_assignment))
+                out = combine(out * row_gates.unsqueeze(1), plan.row_token, x.shape[0])
+        return self.drop2(out)
+
+    def _cast(self, x: Tensor) -> Tuple[Tensor, list]:
+        """``x`` and the weights in the autocast dtype when autocast is on, else as they are."""
+        dtype = autocast_dtype(x)
+        x = x if dtype is None else x.to(dtype)
+        return x, [None if p is None else p.to(x.dtype)
+                   for p in (self.fc1_weight, self.fc1_bias, self.fc2_weight, self.fc2_bias)]
 
     def forward_all(self, x: Tensor) -> Tensor:
         """Every expert on every token ``[t, d]`` -> ``[e, t, d_out]``, ungated (the exported, dropless layer)."""
@@ -208,3 +257,24 @@ class Experts(nn.Module):
                 target.copy_(source.unsqueeze(0).expand_as(target))
                 if noise_std > 0:
                     target.add_(torch.randn_like(target), alpha=noise_std)
+
+
+def _bias_column(dtype: torch.dtype, device: torch.device) -> Tensor:
+    """``[1, 0, ..., 0]``: the columns appended to a GEMM's input to meet a bias row (eagerly one tensor per device
+    and dtype)."""
+    if torch.compiler.is_compiling():  # a graph makes its own constants
+        return torch.eye(1, BIAS_COLUMNS, dtype=dtype, device=device)[0]
+    return _cached_bias_column(dtype, device)
+
+
+@functools.lru_cache(maxsize=None)
+def _cached_bias_column(dtype: torch.dtype, device: torch.device) -> Tensor:
+    with torch.inference_mode(False), torch.no_grad():
+        return torch.eye(1, BIAS_COLUMNS, dtype=dtype, device=device)[0]
+
+
+def _with_bias_row(weight: Tensor, bias: Optional[Tensor]) -> Tensor:
+    """``[e, a, b]`` weights with the bias as row ``a`` (and copies of it in the padding rows, which meet zeros)."""
+    if bias is None:
+        return weight
+    return torch.cat([weight, bias.unsqueeze(1).expand(-1, BIAS_COLUMNS, -1)], 1)

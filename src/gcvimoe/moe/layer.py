@@ -9,6 +9,8 @@ statistics::
     loss = task_loss + collect_aux_loss(model)  # weighted router losses of every MoE layer
     print(collect_moe_report(model).summary())  # {'aux_loss': ..., 'dropped_fraction': ..., ...}
 """
+import functools
+from dataclasses import dataclass
 from typing import Callable, Dict, Iterator, Optional, Tuple, Union
 
 import torch
@@ -16,15 +18,24 @@ from timm.layers import Mlp
 from torch import Tensor, nn
 
 from gcvimoe.errors import GcvimoeError
+from gcvimoe.moe.backends import Plan, choose_expert_backend
 from gcvimoe.moe.config import MoEConfig
-from gcvimoe.moe.dispatch import DispatchPlan, combine, expert_capacity, plan_dispatch
+from gcvimoe.moe.dispatch import combine, expert_capacity
 from gcvimoe.moe.experts import Experts
 from gcvimoe.moe.losses import gshard_balance_loss, importance_loss, load_loss, z_loss
-from gcvimoe.moe.router import (
-    CosineRouter, LinearRouter, Routing, expert_choice_routing, expert_probs, top_k_routing,
-)
+from gcvimoe.moe.router import ROUTERS, Routing, expert_probs
 from gcvimoe.moe.stats import MoEReport, RoutingStats, routing_stats
 from gcvimoe.tracing import exporting
+
+BALANCE_TERMS = ('balance', 'importance', 'load')
+
+
+@dataclass
+class _Outcome:
+    """What the last forward decided, kept (without autograd) for the losses and statistics read after it."""
+    routing: Routing
+    plan: Plan
+    input_shape: torch.Size
 
 
 class MoE(nn.Module):
@@ -41,12 +52,13 @@ class MoE(nn.Module):
         act_layer: Activation module class of the experts.
         drop: Dropout after the activation and after fc2, as in timm's ``Mlp`` (a float or a pair).
         bias: Biases in fc1 and fc2 (a bool or a pair; Swin-MoE uses ``(True, False)``).
-        config: The MoE options (:class:`gcvimoe.moe.MoEConfig`; default: its generic defaults).
+        config: The MoE options (:class:`gcvimoe.moe.MoEConfig`; default: its generic defaults), kept as
+            ``self.config``.
         **options: MoE options by name, over ``config`` (``num_experts=8, top_k=2``); the placement ``moe_blocks``
             is the model's business and ignored here.
 
-    Read after a forward pass (a pass without autograd computes them when first read, so inference that never
-    reads them does not pay for them):
+    Read after a forward pass; each is computed when first read, so a step that never reads one does not pay for it
+    (``aux_loss`` of a pass with autograd is the exception: the backward needs it, so it is computed in the pass):
         aux_loss: Weighted sum of the router losses, a differentiable 0-dim tensor (0 when no loss applies).
         losses: Unweighted losses for logging, detached: ``'balance'`` or ``'importance'`` and ``'load'``, and ``'z'``.
         stats: :class:`RoutingStats` of the pass.
@@ -78,24 +90,11 @@ class MoE(nn.Module):
         self.in_features = in_features
         self.hidden_features = hidden_features
         self.out_features = out_features
-        self.num_experts = config.num_experts
-        self.top_k = config.top_k
-        self.capacity_factor = config.capacity_factor
-        self.eval_capacity_factor = config.eval_capacity_factor
-        self.router_type = router = config.router
-        self.normalize_gates = config.normalize_gates
-        self.batch_priority = config.batch_priority
-        self.gate_noise = config.gate_noise
-        self.balance_loss = config.balance_loss
-        self.aux_loss_weight = config.aux_loss_weight
-        self.z_loss_weight = config.z_loss_weight
-        expert_dropout, shared_expert = config.expert_dropout, config.shared_expert
 
-        router_class = CosineRouter if router == 'cosine' else LinearRouter
-        self.router = router_class(in_features, self.num_experts, **dd)
-        self.experts = Experts(self.num_experts, in_features, hidden_features, out_features, act_layer=act_layer,
-                               drop=drop, expert_dropout=expert_dropout, bias=bias, **dd)
-        if shared_expert:
+        self.router = ROUTERS[config.router].module(in_features, config.num_experts, **dd)
+        self.experts = Experts(config.num_experts, in_features, hidden_features, out_features, act_layer=act_layer,
+                               drop=drop, expert_dropout=config.expert_dropout, bias=bias, **dd)
+        if config.shared_expert:
             self.shared_expert = Mlp(in_features, hidden_features, out_features, act_layer=act_layer, bias=bias,
                                      drop=drop, **dd)
             self.shared_expert_gate = nn.Linear(in_features, 2, **dd)
@@ -103,72 +102,82 @@ class MoE(nn.Module):
             self.shared_expert = self.shared_expert_gate = None
 
         self._aux_loss: Optional[Tensor] = None
-        self._losses: Dict[str, Tensor] = {}
+        self._losses: Optional[Dict[str, Tensor]] = None
         self._stats: Optional[RoutingStats] = None
-        # without autograd, the last forward's routing: its losses and statistics are computed when first read
-        self._pending: Optional[Tuple[Routing, DispatchPlan, torch.Size]] = None
+        self._outcome: Optional[_Outcome] = None
 
     def __getstate__(self):
-        # the last forward's losses hold its autograd graph, which neither deepcopy (EMA) nor pickle can take
+        # the last forward's aux loss holds its autograd graph, which neither deepcopy (EMA) nor pickle can take
         state = super().__getstate__()
-        state.update(_aux_loss=None, _losses={}, _stats=None, _pending=None)
+        state.update(_aux_loss=None, _losses=None, _stats=None, _outcome=None)
         return state
+
+    @property
+    def num_experts(self) -> int:
+        return self.config.num_experts
+
+    @property
+    def top_k(self) -> int:
+        return self.config.top_k
 
     @property
     def aux_loss(self) -> Optional[Tensor]:
         """Weighted sum of the last forward's router losses (0-dim; differentiable when it ran with autograd)."""
-        self._resolve_pending()
+        if self._aux_loss is None and self._outcome is not None:
+            with torch.no_grad():
+                self._aux_loss = self._weighted_loss(self._outcome)
         return self._aux_loss
 
     @property
     def losses(self) -> Dict[str, Tensor]:
         """The last forward's unweighted router losses, detached, for logging."""
-        self._resolve_pending()
+        if self._losses is None:
+            with torch.no_grad():
+                self._losses = {} if self._outcome is None else self._router_losses(self._outcome, needed=None)
         return self._losses
 
     @property
     def stats(self) -> Optional[RoutingStats]:
         """The last forward's routing statistics."""
-        self._resolve_pending()
+        if self._stats is None and self._outcome is not None:
+            outcome = self._outcome
+            self._stats = routing_stats(outcome.routing, outcome.plan, outcome.input_shape)
         return self._stats
 
     def extra_repr(self) -> str:
-        capacity = f"capacity_factor={self.capacity_factor}, eval_capacity_factor={self.eval_capacity_factor}"
-        return f"num_experts={self.num_experts}, top_k={self.top_k}, router={self.router_type!r}, {capacity}"
+        cfg = self.config
+        capacity = f"capacity_factor={cfg.capacity_factor}, eval_capacity_factor={cfg.eval_capacity_factor}"
+        return f"num_experts={cfg.num_experts}, top_k={cfg.top_k}, router={cfg.router!r}, {capacity}"
 
     def capacity(self, num_tokens: int) -> Optional[int]:
         """Slots per expert for a batch of ``num_tokens`` in the current mode; None for dropless."""
-        factor = self.capacity_factor if self.training else self.eval_capacity_factor
-        if self.router_type == 'expert_choice':
+        cfg = self.config
+        factor = cfg.capacity_factor if self.training else cfg.eval_capacity_factor
+        if ROUTERS[cfg.router].chooses_tokens:
             factor = factor or 1.0
-        return expert_capacity(num_tokens, self.num_experts, self.top_k, factor)
+        return expert_capacity(num_tokens, cfg.num_experts, cfg.top_k, factor)
 
     def forward(self, x: Tensor) -> Tensor:
         """Route every token of ``x`` ``[..., d]`` to its experts; returns ``[..., d_out]``."""
         if x.shape[-1] != self.in_features:
             raise ValueError(f"MoE input must have last dimension in_features={self.in_features}, got shape "
                              f"{tuple(x.shape)}")
+        cfg = self.config
         input_shape = x.shape[:-1]
         tokens = x.reshape(-1, self.in_features)
-        num_tokens = tokens.shape[0]
-        logits = self.router(tokens)
-        capacity = self.capacity(num_tokens)
-        if self.router_type == 'expert_choice':
-            routing = expert_choice_routing(logits, capacity)
-            capacity = None  # experts took at most their capacity already
-        else:
-            noise_std = self.gate_noise / self.num_experts if self.training else 0.
-            routing = top_k_routing(logits, self.top_k, normalize_gates=self.normalize_gates, noise_std=noise_std)
+        capacity = self.capacity(tokens.shape[0])
+        router = ROUTERS[cfg.router]
+        routing = router.route(self.router(tokens), cfg, capacity, self.training)
         if exporting():
             return self._exported_forward(tokens, routing).reshape(*input_shape, self.out_features)
-        plan = plan_dispatch(routing, self.num_experts, capacity, batch_priority=self.batch_priority)
-        out = self._add_shared_expert(tokens, self.experts(tokens, plan.tokens_per_expert, plan.token_index,
-                                                           gates=plan.gates))
-        if torch.is_grad_enabled():
-            self._pending = None
-            self._record_outcome(routing, plan, input_shape)
-        else:  # nothing needs the losses for a backward: inference pays for them only when someone reads them
-            self._pending = (routing, plan, input_shape)
+        backend = choose_expert_backend(tokens, self.experts)
+        out, plan = backend.run(self.experts, tokens, routing, cfg.num_experts,
+                                None if router.chooses_tokens else capacity, cfg.batch_priority)
+        out = self._add_shared_expert(tokens, out)
+        outcome = _Outcome(routing, plan, input_shape)
+        self._outcome, self._losses, self._stats = _Outcome(routing.detach(), plan, input_shape), None, None
+        # a pass with autograd computes the weighted losses its backward needs; the rest waits until read
+        self._aux_loss = self._weighted_loss(outcome) if torch.is_grad_enabled() else None
         return out.reshape(*input_shape, self.out_features)
 
     def _add_shared_expert(self, tokens: Tensor, out: Tensor) -> Tensor:
@@ -181,41 +190,51 @@ class MoE(nn.Module):
         """The dropless layer for ``torch.export`` and ONNX: every expert runs on every token (``e`` times the expert
         FLOPs) and each assignment picks its expert's row, so no shape depends on the routing. No statistics."""
         every_expert = self.experts.forward_all(tokens)  # [e, t, d_out]
-        rows = every_expert[routing.expert_index, routing.token_index] * routing.gates.to(every_expert.dtype)[:, None]
-        return self._add_shared_expert(tokens, combine(rows, routing.token_index, tokens.shape[0]))
+        token_index = routing.token_index
+        rows = every_expert[routing.expert_index, token_index] * routing.gates.to(every_expert.dtype)[:, None]
+        return self._add_shared_expert(tokens, combine(rows, token_index, tokens.shape[0]))
 
-    def _record_outcome(self, routing: Routing, plan: DispatchPlan, input_shape: torch.Size) -> None:
-        losses = self._router_losses(routing) if input_shape.numel() else {}  # means over no tokens would be NaN
-        self._aux_loss = self._weighted_loss(losses, routing.logits)
-        self._losses = {name: loss.detach() for name, loss in losses.items()}
-        self._stats = routing_stats(routing, plan, input_shape)
-
-    def _resolve_pending(self) -> None:
-        if self._pending is not None:
-            pending, self._pending = self._pending, None
-            with torch.no_grad():
-                self._record_outcome(*pending)
-
-    def _router_losses(self, routing: Routing) -> Dict[str, Tensor]:
+    def _router_losses(self, outcome: _Outcome, needed: Optional[Tuple[str, ...]],
+                       gshard_weight: float = 1.0) -> Dict[str, Tensor]:
+        """The unweighted losses named in ``needed`` (None: every one that applies), computed from the outcome (the
+        GShard loss times ``gshard_weight``)."""
+        cfg, routing = self.config, outcome.routing
+        if not outcome.input_shape.numel():  # means over no tokens would be NaN
+            return {}
         losses = {}
-        if self.balance_loss == 'gshard':
-            losses['balance'] = gshard_balance_loss(routing.probs, routing.top1_expert)
-        elif self.balance_loss == 'importance_load':
-            clean_probs = routing.probs if routing.noisy_logits is None else expert_probs(routing.logits)
-            losses['importance'] = importance_loss(clean_probs)
-            if routing.noisy_logits is not None:
-                losses['load'] = load_loss(routing.logits, routing.noisy_logits, routing.noise_std, self.top_k)
-        losses['z'] = z_loss(routing.logits)
+
+        def wanted(name: str) -> bool:
+            return needed is None or name in needed
+
+        if cfg.balance_loss == 'gshard' and wanted('balance'):
+            one_choice = cfg.top_k == 1 and not ROUTERS[cfg.router].chooses_tokens
+            first_choices = outcome.plan.first_choices() if one_choice else None  # the plan counted them already
+            losses['balance'] = gshard_balance_loss(routing.probs, routing.top1_expert, first_choices, gshard_weight)
+        elif cfg.balance_loss == 'importance_load':
+            if wanted('importance'):
+                clean_probs = routing.probs if routing.noisy_logits is None else expert_probs(routing.logits)
+                losses['importance'] = importance_loss(clean_probs)
+            if routing.noisy_logits is not None and wanted('load'):
+                losses['load'] = load_loss(routing.logits, routing.noisy_logits, routing.noise_std, cfg.top_k)
+        if wanted('z'):
+            losses['z'] = z_loss(routing.logits)
         return losses
 
-    def _weighted_loss(self, losses: Dict[str, Tensor], logits: Tensor) -> Tensor:
-        aux_loss = logits.new_zeros(())
-        balance_terms = [losses[name] for name in ('balance', 'importance', 'load') if name in losses]
-        if balance_terms and self.aux_loss_weight > 0:
-            aux_loss = aux_loss + self.aux_loss_weight * sum(balance_terms) / len(balance_terms)
-        if 'z' in losses and self.z_loss_weight > 0:
-            aux_loss = aux_loss + self.z_loss_weight * losses['z']
-        return aux_loss
+    def _weighted_loss(self, outcome: _Outcome) -> Tensor:
+        """``aux_loss_weight`` x the mean of the balance terms + ``z_loss_weight`` x the z-loss, computing only the
+        terms whose weight is not 0."""
+        cfg = self.config
+        needed = (BALANCE_TERMS if cfg.aux_loss_weight > 0 else ()) + (('z',) if cfg.z_loss_weight > 0 else ())
+        losses = self._router_losses(outcome, needed, gshard_weight=cfg.aux_loss_weight) if needed else {}
+        balance_terms = [losses[name] for name in BALANCE_TERMS if name in losses]
+        weighted = []
+        if 'balance' in losses:  # the GShard loss, weighted already
+            weighted.append(losses['balance'])
+        elif balance_terms:
+            weighted.append(functools.reduce(torch.add, balance_terms) * (cfg.aux_loss_weight / len(balance_terms)))
+        if 'z' in losses:
+            weighted.append(losses['z'] * cfg.z_loss_weight)
+        return functools.reduce(torch.add, weighted) if weighted else outcome.routing.logits.new_zeros(())
 
     def load_from_mlp(self, mlp: Mlp, noise_std: float = 0.0) -> None:
         """Sparse upcycling: copy a dense timm ``Mlp`` into every expert (and the shared expert); the router is kept.

@@ -3,6 +3,7 @@
 All take fp32 router tensors over ``t`` tokens and ``e`` experts and return an unweighted 0-dim loss.
 """
 import math
+from typing import Optional
 
 import torch
 from torch import Tensor
@@ -10,17 +11,22 @@ from torch import Tensor
 from gcvimoe.moe.dispatch import count_per_expert
 
 
-def gshard_balance_loss(probs: Tensor, top1_expert: Tensor) -> Tensor:
+def gshard_balance_loss(probs: Tensor, top1_expert: Tensor, first_choices: Optional[Tensor] = None,
+                        weight: float = 1.0) -> Tensor:
     """GShard / Switch balance loss ``e * sum_e mean_t(p_te) * f_e``, where ``f_e`` is the fraction of tokens whose
     first choice is ``e``; 1.0 for a perfectly balanced router.
 
     Args:
         probs: Routing probabilities ``[t, e]``.
         top1_expert: First choice of every token ``[t]``.
+        first_choices: Tokens whose first choice is each expert ``[e]``, when the caller has them (counted from
+            ``top1_expert`` otherwise).
+        weight: A factor folded into the loss's own scaling (one product fewer for a weighted loss).
     """
     num_tokens, num_experts = probs.shape
-    first_choice_fraction = count_per_expert(top1_expert, num_experts) / num_tokens
-    return num_experts * (probs.mean(dim=0) * first_choice_fraction).sum()
+    if first_choices is None:
+        first_choices = count_per_expert(top1_expert, num_experts)
+    return (probs.mean(dim=0) * first_choices).sum() * (weight * num_experts / num_tokens)
 
 
 def _squared_coefficient_of_variation(values: Tensor) -> Tensor:

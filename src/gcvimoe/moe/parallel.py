@@ -97,8 +97,10 @@ class ExpertParallelExperts(Experts):
         return (f"num_global_experts={self.num_global_experts}, first_expert={self.first_expert}, "
                 + super().extra_repr())
 
-    def forward(self, x: Tensor, tokens_per_expert: Tensor, token_index: Tensor, gates: Optional[Tensor] = None
-                ) -> Tensor:
+    local_experts_only = False
+
+    def forward(self, x: Tensor, tokens_per_expert: Tensor, token_index: Tensor, gates: Optional[Tensor] = None,
+                kernel: Optional[bool] = None) -> Tensor:
         """Send every row to its expert's process, run the local experts there, and combine the outputs at home.
 
         Args:
@@ -124,7 +126,7 @@ class ExpertParallelExperts(Experts):
         local_expert = local_expert.repeat_interleave(recv_counts.reshape(-1))
         by_expert = torch.argsort(local_expert, stable=True)  # row order grouped by (local expert, source)
         # each received row is read and written once through by_expert, so the output keeps the received order
-        out = super().forward(received, recv_counts.sum(0), by_expert)
+        out = super().forward(received, recv_counts.sum(0), by_expert, kernel=kernel)
         out = all_to_all(out, send_splits, recv_splits, self.group)
         if gates is not None:
             out = out * gates.to(out.dtype).unsqueeze(1)

@@ -1,15 +1,15 @@
 """Routing statistics of an MoE layer and the report that gathers them over a model.
 
-The statistics are detached tensors computed with a few O(t * k) reductions per forward, cheap enough to keep on;
-nothing is copied to the host until :meth:`RoutingStats.summary` or :meth:`MoEReport.summary` is called.
+The statistics are detached tensors computed with a few O(t * k) reductions, when first read after a forward (a
+step that never reads them does not compute them); nothing is copied to the host until :meth:`RoutingStats.summary` or :meth:`MoEReport.summary` is called.
 """
 from dataclasses import dataclass, field
-from typing import Dict
+from typing import Dict, Union
 
 import torch
 from torch import Tensor
 
-from gcvimoe.moe.dispatch import DispatchPlan
+from gcvimoe.moe.dispatch import DispatchPlan, SortedPlan
 from gcvimoe.moe.router import Routing
 
 
@@ -49,7 +49,7 @@ class RoutingStats:
 
 
 @torch.no_grad()
-def routing_stats(routing: Routing, plan: DispatchPlan, input_shape: torch.Size) -> RoutingStats:
+def routing_stats(routing: Routing, plan: Union[DispatchPlan, SortedPlan], input_shape: torch.Size) -> RoutingStats:
     """Statistics of one routing decision.
 
     Args:
@@ -60,9 +60,7 @@ def routing_stats(routing: Routing, plan: DispatchPlan, input_shape: torch.Size)
     num_tokens = routing.probs.shape[0]
     requested = plan.requested_per_expert
     kept = plan.tokens_per_expert
-    # kept rows per token (a scatter of counts: no boolean indexing, so no data-dependent shape)
-    rows_per_token = torch.zeros(num_tokens, dtype=torch.long, device=kept.device)
-    rows_per_token.index_add_(0, plan.token_index, plan.kept.long())
+    rows_per_token = plan.kept_per_token(num_tokens)
     return RoutingStats(
         tokens_per_expert=requested,
         kept_tokens_per_expert=kept,
