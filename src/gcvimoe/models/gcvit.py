@@ -496,10 +496,15 @@ class GlobalContextVitStage(nn.Module):
 
 
 def _channels_last_strides(weight: nn.Parameter) -> None:
-    """Give a conv weight the exact strides of a channels-last tensor, size-1 dimensions included (``.contiguous``
-    leaves those as they are). Every conv after the stem runs on channels-last maps, so its weight gradient comes out
-    with these strides, and DDP's gradient buckets, laid out like the parameters, take it without a copy."""
+    """Give a depthwise or 1x1 conv weight the exact strides of a channels-last tensor, size-1 dimensions included
+    (``.contiguous`` leaves those as they are). Every conv after the stem runs on channels-last maps, so its weight
+    gradient comes out with these strides, and DDP's gradient buckets, laid out like the parameters, take it without
+    a copy. For such a weight the channels-last layout is contiguous too. A full 3x3 conv's (the downsamples'
+    reductions) is not, and safetensors, so timm's ``save_for_hf``, refuses non-contiguous tensors: that weight keeps
+    the standard layout, and autograd lays its gradient out the same way."""
     out_chs, in_chs, height, width = weight.shape
+    if in_chs > 1 and height * width > 1:
+        return
     strides = (height * width * in_chs, 1, width * in_chs, in_chs)
     weight.data = torch.empty_strided(weight.shape, strides, dtype=weight.dtype, device=weight.device).copy_(weight)
 
