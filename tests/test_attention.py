@@ -55,7 +55,7 @@ def test_biased_attention_value_gradient_alone():
                          [((7, 7), (7, 7)), ((3, 5), (3, 5)), ((2, 4), (3, 5)), ((1, 1), (7, 7))], ids=str)
 def test_relative_bias_equals_gathering_the_table(window, table_window):
     """The bias and its table gradient against indexing the table by hand, pair by pair."""
-    from gcvimoe.models.gcvit import RelativePositionBias
+    from gcvimoe.models.attention import RelativePositionBias
     torch.manual_seed(0)
     heads = 3
     rel_pos = RelativePositionBias(table_window, heads).double()

@@ -113,7 +113,8 @@ def test_any_input_size(img_size):
 
 def test_padded_windows_match_plain_attention_over_real_tokens():
     """A 5x5 map with 3x3 windows is padded to 6x6: each real token must see exactly its window's real tokens."""
-    from gcvimoe.models.gcvit import GlobalContextVitBlock, WindowLayout
+    from gcvimoe.models.blocks import GlobalContextVitBlock
+    from gcvimoe.models.windows import WindowLayout
     dim, heads, win = 8, 2, 3
     block = GlobalContextVitBlock(dim, heads, (win, win), mlp_ratio=2, use_global=False).eval()
     x = torch.randn(1, dim, 5, 5)

@@ -10,7 +10,8 @@ import torch
 from gcvimoe.errors import GcvimoeError
 from gcvimoe.models import VARIANTS, create_model, resolve_moe_blocks
 from gcvimoe.models import create_model_from_checkpoint, load_weights, save_model, upcycle
-from gcvimoe.models.gcvit import GlobalContextVitBlock, WindowLayout
+from gcvimoe.models.blocks import GlobalContextVitBlock
+from gcvimoe.models.windows import WindowLayout
 from gcvimoe.moe import MoE, moe_layers
 
 

@@ -12,3 +12,8 @@ def exporting() -> bool:
     every expert on every token, and no routing statistics or aux loss.
     """
     return torch.compiler._is_exporting_flag
+
+
+def fx_tracing() -> bool:
+    """Whether ``torch.fx`` symbolic tracing (timm's fx feature extraction, MAC counting) is running the model."""
+    return torch.fx._symbolic_trace.is_fx_symbolic_tracing()

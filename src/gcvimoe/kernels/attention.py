@@ -4,7 +4,7 @@
 allocates a fresh ``[b, h, n, n]`` tensor for the scores, for the biased scores and for the probabilities, and as many
 in backward. Here the scale rides on the score GEMM (``alpha``), the bias is added in place, softmax and its backward
 overwrite their input, and only the probabilities are saved: less memory allocated, hence less page-faulted in again.
-Gradients equal the plain ops' to rounding. The plain path (:class:`gcvimoe.models.gcvit.WindowAttentionGlobal`
+Gradients equal the plain ops' to rounding. The plain path (:class:`gcvimoe.models.attention.WindowAttentionGlobal`
 without this kernel) is ``F.scaled_dot_product_attention``; its CPU backward is what this kernel beats at these sizes
 (``benchmarks/RESULTS.md``, "Kernels").
 """

@@ -1,7 +1,7 @@
 """The in-place inference residual: a GC ViT block without autograd, in fewer passes over memory.
 
 Each residual add becomes the beta = 1 term of the branch's output GEMM (layer scale folded into the weight), and
-GELU runs in place. The plain path is the block's own forward (:class:`gcvimoe.models.gcvit.GlobalContextVitBlock`),
+GELU runs in place. The plain path is the block's own forward (:class:`gcvimoe.models.blocks.GlobalContextVitBlock`),
 which the tests compare it with.
 """
 from typing import Optional
@@ -34,7 +34,7 @@ def add_linear(x: Tensor, inputs: Tensor, linear: nn.Linear, layer_scale: nn.Mod
 
 def block_inference(block: nn.Module, x: Tensor, q_global: Tensor, layout, key_mask: Optional[Tensor],
                     owns_input: bool) -> Tensor:
-    """A :class:`gcvimoe.models.gcvit.GlobalContextVitBlock`'s forward without autograd (its arguments, ``block``
+    """A :class:`gcvimoe.models.blocks.GlobalContextVitBlock`'s forward without autograd (its arguments, ``block``
     first); writes the residual stream into ``x`` when ``owns_input``."""
     b, length, c = x.shape
     windows = block.norm1(x).view(b * layout.num_windows, layout.tokens_per_window, c)

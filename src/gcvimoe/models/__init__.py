@@ -4,7 +4,8 @@ from gcvimoe.models.checkpoint import (
     read_checkpoint)
 from gcvimoe.models.export import load_initial_weights, save_model, upcycle, upcycle_into
 from gcvimoe.models.factory import create_model, list_models
-from gcvimoe.models.gcvit import VARIANTS, GlobalContextVit, checkpoint_filter_fn
+from gcvimoe.models.gcvit import GlobalContextVit, checkpoint_filter_fn
+from gcvimoe.models.variants import VARIANTS
 from gcvimoe.models.placement import resolve_moe_blocks
 
 __all__ = [

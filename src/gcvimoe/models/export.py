@@ -30,9 +30,7 @@ def save_model(model: nn.Module, path: PathLike, data_config: Optional[Dict[str,
             class names); None keeps the model's ``pretrained_cfg``.
     """
     path = Path(path)
-    # contiguous copies: the channels-last conv weights (see the model) are views safetensors refuses, which is why
-    # the weights are written here rather than by timm's save_for_hf
-    state_dict = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
+    state_dict = model.state_dict()
     if path.suffix == '.safetensors':
         meta = {MODEL_KEY: str(model.model_name), ARGS_KEY: json.dumps(model.model_args, sort_keys=True)}
         if data_config is not None:

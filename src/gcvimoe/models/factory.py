@@ -9,7 +9,7 @@ from gcvimoe.errors import GcvimoeError, did_you_mean
 
 def list_models() -> List[str]:
     """Names of the registered gcvimoe models (``gcvimoe_nano`` ... ``gcvimoe_large``)."""
-    import gcvimoe.models.gcvit  # noqa: F401  (registers the models)
+    import gcvimoe.models.variants  # noqa: F401  (registers the models)
     return timm.list_models('gcvimoe_*')
 
 

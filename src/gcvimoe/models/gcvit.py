@@ -17,489 +17,46 @@ strictly. The implementation differs where it pays:
 - Any input size runs: windows are clipped to the feature map, maps that the window does not divide are padded
   (padded keys masked, padded tokens kept out of the MLP/MoE), and the global query is resized to the window when
   the tower's output does not match it. Relative position tables are resized on load when the window changes.
+
+The model reads bottom-up across modules, as timm's file does within one: :mod:`~gcvimoe.models.layers` (stem,
+downsample, global-token tower), :mod:`~gcvimoe.models.windows` (window layout), :mod:`~gcvimoe.models.attention`,
+:mod:`~gcvimoe.models.blocks` (block and stage), this module (the model, its weight init and checkpoint filter) and
+:mod:`~gcvimoe.models.variants` (the ``gcvimoe_*`` variants in timm's registry).
 """
-import inspect
 import math
 from functools import partial
-from typing import Callable, Dict, List, Optional, Sequence, Tuple, Union
+from typing import Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
-from torch.utils.checkpoint import checkpoint
 
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.layers import (
-    ClassifierHead, DropPath, LayerNorm2d, LayerScale, Mlp, SEModule, calculate_drop_path_rates,
-    resize_rel_pos_bias_table, to_2tuple, trunc_normal_,
+    ClassifierHead, LayerNorm2d, calculate_drop_path_rates, resize_rel_pos_bias_table, to_2tuple, trunc_normal_,
 )
-from timm.models import build_model_with_cfg, generate_default_cfgs, named_apply, register_model
+from timm.models import build_model_with_cfg, named_apply
 from timm.models._features import feature_take_indices
 
 from gcvimoe.errors import GcvimoeError
-from gcvimoe import kernels
-from gcvimoe.kernels.attention import biased_attention
-from gcvimoe.kernels.residual import block_inference
+from gcvimoe.models.blocks import GlobalContextVitStage
+from gcvimoe.models.layers import Stem
 from gcvimoe.models.placement import resolve_moe_blocks
-from gcvimoe.moe import Experts, MoE, MoEConfig
-from gcvimoe.moe.config import FIELDS as MOE_FIELDS
-from gcvimoe.tracing import exporting
+from gcvimoe.moe import Experts, MoEConfig
+from gcvimoe.tracing import fx_tracing
 
-__all__ = ['GlobalContextVit', 'checkpoint_filter_fn', 'VARIANTS']
-
-
-class MbConvBlock(nn.Module):
-    """Depthwise-separable conv block with squeeze-excitation and a residual, no norm (GC ViT's "fused MBConv")."""
-
-    def __init__(self, dim: int, act_layer: Callable = nn.GELU, device=None, dtype=None):
-        super().__init__()
-        dd = dict(device=device, dtype=dtype)
-        self.conv_dw = nn.Conv2d(dim, dim, 3, 1, 1, groups=dim, bias=False, **dd)
-        self.act = act_layer()
-        self.se = SEModule(dim, rd_ratio=0.25, bias=False, act_layer=act_layer, **dd)
-        self.conv_pw = nn.Conv2d(dim, dim, 1, 1, 0, bias=False, **dd)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return x + self.conv_pw(self.se(self.act(self.conv_dw(x))))
-
-
-class Downsample2d(nn.Module):
-    """Norm, MBConv, strided 3x3 conv, norm: halves the resolution (NCHW in and out)."""
-
-    def __init__(
-            self,
-            dim: int,
-            dim_out: Optional[int] = None,
-            act_layer: Callable = nn.GELU,
-            norm_layer: Callable = LayerNorm2d,
-            device=None,
-            dtype=None,
-    ):
-        super().__init__()
-        dd = dict(device=device, dtype=dtype)
-        dim_out = dim_out or dim
-        self.norm1 = norm_layer(dim, **dd)
-        self.conv_block = MbConvBlock(dim, act_layer=act_layer, **dd)
-        # oneDNN's CPU weight gradient of this strided conv takes about twice its forward; a patch GEMM does not
-        self.reduction = nn.Conv2d(dim, dim_out, 3, 2, 1, bias=False, **dd)
-        self.norm2 = norm_layer(dim_out, **dd)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.norm2(self.reduction(self.conv_block(self.norm1(x))))
-
-
-class FeatureBlock(nn.Module):
-    """The global-token tower: ``levels`` MBConv + max-pool steps bring the stage map down to the window size."""
-
-    def __init__(self, dim: int, levels: int = 0, act_layer: Callable = nn.GELU, device=None, dtype=None):
-        super().__init__()
-        self.blocks = nn.Sequential()
-        for i in range(max(1, levels)):
-            self.blocks.add_module(f'conv{i + 1}', MbConvBlock(dim, act_layer=act_layer, device=device, dtype=dtype))
-            if i < levels:
-                self.blocks.add_module(f'pool{i + 1}', nn.MaxPool2d(kernel_size=3, stride=2, padding=1))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.blocks(x)
-
-
-class Stem(nn.Module):
-    """3x3 stride-2 conv then a downsample: 4x reduction, NCHW."""
-
-    def __init__(
-            self,
-            in_chs: int = 3,
-            out_chs: int = 96,
-            act_layer: Callable = nn.GELU,
-            norm_layer: Callable = LayerNorm2d,
-            device=None,
-            dtype=None,
-    ):
-        super().__init__()
-        dd = dict(device=device, dtype=dtype)
-        self.conv1 = nn.Conv2d(in_chs, out_chs, kernel_size=3, stride=2, padding=1, **dd)
-        self.down = Downsample2d(out_chs, act_layer=act_layer, norm_layer=norm_layer, **dd)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # channels-last convolutions: the LayerNorm2d permutes to NHWC and back become views instead of copies
-        return self.down(self.conv1(x.contiguous(memory_format=torch.channels_last)))
-
-
-class RelativePositionBias(nn.Module):
-    """Learned relative position bias for a ``window_size`` window, usable for any smaller window too.
-
-    The table holds one row per relative offset of the configured window, ``(2 wh - 1) * (2 ww - 1)`` rows, laid out
-    as timm's ``gen_relative_position_index`` lays them out; a smaller runtime window (a feature map smaller than the
-    window) uses the subset of offsets it spans.
-    """
-
-    def __init__(self, window_size: Tuple[int, int], num_heads: int, device=None, dtype=None):
-        super().__init__()
-        self.window_size = tuple(window_size)
-        self.num_heads = num_heads
-        num_offsets = (2 * self.window_size[0] - 1) * (2 * self.window_size[1] - 1)
-        self.relative_position_bias_table = nn.Parameter(
-            torch.empty(num_offsets, num_heads, device=device, dtype=dtype))
-        # the configured window's index as a buffer: it moves with the module and is no side effect under export
-        self.register_buffer('relative_position_index', self._index(self.window_size, device), persistent=False)
-        trunc_normal_(self.relative_position_bias_table, std=.02)
-
-    def _index(self, window: Tuple[int, int], device) -> torch.Tensor:
-        """The table row of every token pair of a ``window`` ``[n * n]``."""
-        coords = torch.stack(torch.meshgrid(
-            torch.arange(window[0], device=device), torch.arange(window[1], device=device), indexing='ij',
-        )).flatten(1)
-        rel = coords[:, :, None] - coords[:, None, :]
-        return ((rel[0] + self.window_size[0] - 1) * (2 * self.window_size[1] - 1)
-                + rel[1] + self.window_size[1] - 1).view(-1)
-
-    def forward(self, window: Tuple[int, int], dtype: torch.dtype) -> torch.Tensor:
-        """Returns the bias ``[1, heads, n, n]`` for a ``window`` (n = wh * ww tokens) in ``dtype``."""
-        table = self.relative_position_bias_table
-        n = window[0] * window[1]
-        rows = self.relative_position_index if window == self.window_size else self._index(window, table.device)
-        return table[rows].t().reshape(1, self.num_heads, n, n).to(dtype)
-
-
-def _fx_tracing() -> bool:
-    return torch.fx._symbolic_trace.is_fx_symbolic_tracing()
-
-
-def _autocast_enabled(device: torch.device) -> bool:
-    if _fx_tracing() or device.type == 'meta':  # shape-only runs (MAC counting): autocast has no meta backend to ask
-        return False
-    return torch.is_autocast_enabled(device.type)
-
-
-class WindowAttentionGlobal(nn.Module):
-    """Multi-head attention within windows; with ``use_global`` the queries come from the stage's global tokens."""
-
-    def __init__(  # noqa: PLR0913  (flat keywords, as timm's modules)
-            self,
-            dim: int,
-            num_heads: int,
-            window_size: Tuple[int, int],
-            use_global: bool = True,
-            qkv_bias: bool = True,
-            attn_drop: float = 0.,
-            proj_drop: float = 0.,
-            device=None,
-            dtype=None,
-    ):
-        super().__init__()
-        dd = dict(device=device, dtype=dtype)
-        self.num_heads = num_heads
-        self.head_dim = dim // num_heads
-        self.use_global = use_global
-        self.rel_pos = RelativePositionBias(to_2tuple(window_size), num_heads, **dd)
-        self.qkv = nn.Linear(dim, dim * (2 if use_global else 3), bias=qkv_bias, **dd)
-        self.attn_drop = attn_drop
-        self.proj = nn.Linear(dim, dim, **dd)
-        self.proj_drop = nn.Dropout(proj_drop)
-
-    def forward(
-            self,
-            x: torch.Tensor,
-            q_global: torch.Tensor,
-            window: Tuple[int, int],
-            key_mask: Optional[torch.Tensor] = None,
-    ) -> torch.Tensor:
-        """Attention within windows, then the output projection; arguments as for :meth:`attend`."""
-        return self.proj_drop(self.proj(self.attend(x, q_global, window, key_mask)))
-
-    def _use_attention_kernel(self, x: torch.Tensor) -> bool:
-        """CPU training without attention dropout, autocast or compilation (see :mod:`gcvimoe.kernels.attention`)."""
-        return (kernels.enabled('attention') and not _fx_tracing() and torch.is_grad_enabled() and x.device.type == 'cpu'
-                and (self.attn_drop == 0 or not self.training) and not _autocast_enabled(x.device)
-                and not torch.compiler.is_compiling())
-
-    def attend(
-            self,
-            x: torch.Tensor,
-            q_global: torch.Tensor,
-            window: Tuple[int, int],
-            key_mask: Optional[torch.Tensor] = None,
-    ) -> torch.Tensor:
-        """Attention within windows, heads merged, before the output projection: ``[b*w, n, c]``.
-
-        Args:
-            x: Window tokens ``[b*w, n, c]`` (w windows per image, n tokens per window).
-            q_global: Global queries ``[b*w, h, n, c/h]``, already broadcast to every window.
-            window: The runtime window (wh, ww), wh * ww = n.
-            key_mask: Additive mask ``[b*w, 1, 1, n]`` (-inf on padded keys) or None.
-        """
-        bw, n, c = x.shape[0], x.shape[1], x.shape[2]
-        if self.use_global:
-            k, v = self.qkv(x).view(bw, n, 2, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
-            q = q_global
-        else:
-            q, k, v = self.qkv(x).view(bw, n, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
-        bias = self.rel_pos(window, q.dtype)
-        if key_mask is not None:
-            bias = bias + key_mask.to(q.dtype)
-        if self._use_attention_kernel(x):
-            x = biased_attention(q, k, v, bias, self.head_dim ** -0.5)
-        elif exporting():
-            # the plain ops: ONNX decomposes SDPA into an output of other strides than the traced one
-            x = ((q * self.head_dim ** -0.5) @ k.transpose(-2, -1) + bias).softmax(-1) @ v
-        else:
-            x = F.scaled_dot_product_attention(
-                q, k, v, attn_mask=bias, dropout_p=self.attn_drop if self.training else 0.,
-            )
-        return x.transpose(1, 2).reshape(bw, n, c)
-
-
-class WindowLayout:
-    """How a stage's feature map ``[b, c, H, W]`` is cut into windows: sizes, padding, and the masks that padding needs.
-
-    Token order inside the stage is window-major per image: ``[b, windows * n, c]``, so ``view(b * windows, n, c)``
-    gives the attention batch without a copy.
-    """
-
-    def __init__(self, feat_size: Tuple[int, int], window_size: Tuple[int, int], device: torch.device):
-        height, width = feat_size
-        # a window never exceeds the map; a map the window does not divide is padded at the bottom/right
-        self.window = (min(window_size[0], height), min(window_size[1], width))
-        self.feat_size = (height, width)
-        self.padded_size = (
-            math.ceil(height / self.window[0]) * self.window[0],
-            math.ceil(width / self.window[1]) * self.window[1],
-        )
-        self.grid = (self.padded_size[0] // self.window[0], self.padded_size[1] // self.window[1])
-        self.num_windows = self.grid[0] * self.grid[1]
-        self.tokens_per_window = self.window[0] * self.window[1]
-        self.is_padded = self.padded_size != self.feat_size
-        self.key_mask = None  # [w, 1, 1, n], -inf on padded keys
-        self.valid_index = None  # [valid tokens] positions of real tokens in window order
-        if self.is_padded:
-            valid = torch.zeros(self.padded_size, dtype=torch.bool, device=device)
-            valid[:height, :width] = True
-            valid = self._to_windows(valid[None, None]).view(-1)  # [w * n]
-            self.valid_index = valid.nonzero().squeeze(1)
-            self.key_mask = torch.zeros(valid.shape, device=device).masked_fill(~valid, float('-inf'))
-            self.key_mask = self.key_mask.view(self.num_windows, 1, 1, self.tokens_per_window)
-
-    def _to_windows(self, x: torch.Tensor) -> torch.Tensor:
-        """``[b, c, Hp, Wp]`` -> ``[b, w * n, c]`` (one copy)."""
-        b, c = x.shape[0], x.shape[1]
-        (gh, gw), (wh, ww) = self.grid, self.window
-        x = x.view(b, c, gh, wh, gw, ww).permute(0, 2, 4, 3, 5, 1)
-        return x.reshape(b, self.num_windows * self.tokens_per_window, c)
-
-    def partition(self, x: torch.Tensor) -> torch.Tensor:
-        """``[b, c, H, W]`` -> ``[b, w * n, c]``, zero-padding the map first when needed."""
-        if self.is_padded:
-            x = F.pad(x, (0, self.padded_size[1] - self.feat_size[1], 0, self.padded_size[0] - self.feat_size[0]))
-        return self._to_windows(x)
-
-    def reverse(self, x: torch.Tensor) -> torch.Tensor:
-        """``[b, w * n, c]`` -> ``[b, c, H, W]`` (one copy), dropping padding."""
-        b, c = x.shape[0], x.shape[2]
-        (gh, gw), (wh, ww) = self.grid, self.window
-        x = x.view(b, gh, gw, wh, ww, c).permute(0, 5, 1, 3, 2, 4).reshape(b, c, *self.padded_size)
-        if self.is_padded:
-            x = x[:, :, :self.feat_size[0], :self.feat_size[1]].contiguous()
-        return x
-
-    def window_batch_mask(self, batch_size: int) -> Optional[torch.Tensor]:
-        """The key mask repeated for every image: ``[b*w, 1, 1, n]``."""
-        if self.key_mask is None:
-            return None
-        return self.key_mask.repeat(batch_size, 1, 1, 1)
-
-
-class GlobalContextVitBlock(nn.Module):
-    """Pre-norm transformer block: ``x + attn(norm1(x))`` then ``x + mlp(norm2(x))``, the MLP dense or MoE."""
-
-    def __init__(  # noqa: PLR0913  (flat keywords, as timm's modules)
-            self,
-            dim: int,
-            num_heads: int,
-            window_size: Tuple[int, int],
-            mlp_ratio: float = 4.,
-            use_global: bool = True,
-            qkv_bias: bool = True,
-            layer_scale: Optional[float] = None,
-            proj_drop: float = 0.,
-            attn_drop: float = 0.,
-            drop_path: float = 0.,
-            act_layer: Callable = nn.GELU,
-            norm_layer: Callable = nn.LayerNorm,
-            moe_kwargs: Optional[dict] = None,
-            device=None,
-            dtype=None,
-    ):
-        super().__init__()
-        dd = dict(device=device, dtype=dtype)
-        self.norm1 = norm_layer(dim, **dd)
-        self.attn = WindowAttentionGlobal(
-            dim,
-            num_heads=num_heads,
-            window_size=window_size,
-            use_global=use_global,
-            qkv_bias=qkv_bias,
-            attn_drop=attn_drop,
-            proj_drop=proj_drop,
-            **dd,
-        )
-        self.ls1 = LayerScale(dim, layer_scale, **dd) if layer_scale is not None else nn.Identity()
-        self.drop_path1 = DropPath(drop_path) if drop_path > 0. else nn.Identity()
-
-        self.norm2 = norm_layer(dim, **dd)
-        hidden = int(dim * mlp_ratio)
-        if moe_kwargs is not None:
-            self.mlp = MoE(dim, hidden, act_layer=act_layer, drop=proj_drop, **moe_kwargs, **dd)
-        else:
-            self.mlp = Mlp(in_features=dim, hidden_features=hidden, act_layer=act_layer, drop=proj_drop, **dd)
-        self.ls2 = LayerScale(dim, layer_scale, **dd) if layer_scale is not None else nn.Identity()
-        self.drop_path2 = DropPath(drop_path) if drop_path > 0. else nn.Identity()
-
-    @property
-    def is_moe(self) -> bool:
-        return not isinstance(self.mlp, Mlp)
-
-    def mlp_or_moe(self, x: torch.Tensor, valid_index: Optional[torch.Tensor]) -> torch.Tensor:
-        if valid_index is None:
-            return self.mlp(x)
-        # padding tokens take no expert capacity and no compute
-        out = torch.zeros_like(x)
-        out[:, valid_index] = self.mlp(x[:, valid_index])
-        return out
-
-    def forward(
-            self,
-            x: torch.Tensor,
-            q_global: torch.Tensor,
-            layout: WindowLayout,
-            key_mask: Optional[torch.Tensor] = None,
-            owns_input: bool = False,
-    ) -> torch.Tensor:
-        """Args:
-            x: Stage tokens in window order ``[b, w * n, c]``.
-            q_global: ``[b*w, h, n, c/h]`` global queries (used by global blocks).
-            layout: The stage's window layout.
-            key_mask: ``[b*w, 1, 1, n]`` additive padding mask, or None.
-            owns_input: Inference may write the residual stream into ``x`` (the stage's own tensor, no one else's).
-        """
-        # (under autocast the branches come out in half precision and the fp32 residual cannot take them in place)
-        if (not self.training and not torch.is_grad_enabled() and not _autocast_enabled(x.device)
-                and kernels.enabled('inplace_residual')):
-            return block_inference(self, x, q_global, layout, key_mask, owns_input)
-        b, length, c = x.shape[0], x.shape[1], x.shape[2]
-        windows = self.norm1(x).view(b * layout.num_windows, layout.tokens_per_window, c)
-        attn = self.attn(windows, q_global, layout.window, key_mask).view(b, length, c)
-        x = x + self.drop_path1(self.ls1(attn))
-        x = x + self.drop_path2(self.ls2(self.mlp_or_moe(self.norm2(x), layout.valid_index)))
-        return x
-
-
-class GlobalContextVitStage(nn.Module):
-    """Optional downsample, the global-token tower, then ``depth`` blocks alternating local and global attention."""
-
-    def __init__(  # noqa: PLR0913  (flat keywords, as timm's modules)
-            self,
-            dim: int,
-            depth: int,
-            num_heads: int,
-            feat_size: Tuple[int, int],
-            window_size: Tuple[int, int],
-            downsample: bool = True,
-            global_norm: bool = False,
-            stage_norm: bool = False,
-            mlp_ratio: float = 4.,
-            qkv_bias: bool = True,
-            layer_scale: Optional[float] = None,
-            proj_drop: float = 0.,
-            attn_drop: float = 0.,
-            drop_path: Union[List[float], float] = 0.0,
-            act_layer: Callable = nn.GELU,
-            norm_layer: Callable = LayerNorm2d,
-            norm_layer_cl: Callable = nn.LayerNorm,
-            moe_block_indices: Sequence[int] = (),
-            moe_kwargs: Optional[dict] = None,
-            device=None,
-            dtype=None,
-    ):
-        super().__init__()
-        dd = dict(device=device, dtype=dtype)
-        if downsample:
-            self.downsample = Downsample2d(dim, dim * 2, act_layer=act_layer, norm_layer=norm_layer, **dd)
-            dim = dim * 2
-            feat_size = (feat_size[0] // 2, feat_size[1] // 2)
-        else:
-            self.downsample = nn.Identity()
-        self.window_size = to_2tuple(window_size)
-        self.num_heads = num_heads
-        # tower depth from the layout resolution; maps smaller than the window (tiny inputs) get no pooling
-        feat_levels = max(0, int(math.log2(max(1, min(feat_size)) / min(self.window_size))))
-        self.global_block = FeatureBlock(dim, feat_levels, act_layer=act_layer, **dd)
-        self.global_norm = norm_layer_cl(dim, **dd) if global_norm else nn.Identity()
-
-        self.blocks = nn.ModuleList([
-            GlobalContextVitBlock(
-                dim=dim,
-                num_heads=num_heads,
-                window_size=self.window_size,
-                mlp_ratio=mlp_ratio,
-                use_global=(i % 2 != 0),
-                qkv_bias=qkv_bias,
-                layer_scale=layer_scale,
-                proj_drop=proj_drop,
-                attn_drop=attn_drop,
-                drop_path=drop_path[i] if isinstance(drop_path, (list, tuple)) else drop_path,
-                act_layer=act_layer,
-                norm_layer=norm_layer_cl,
-                moe_kwargs=moe_kwargs if i in moe_block_indices else None,
-                **dd,
-            )
-            for i in range(depth)
-        ])
-        self.norm = norm_layer_cl(dim, **dd) if stage_norm else nn.Identity()
-        self.dim = dim
-        self.feat_size = feat_size
-        self.grad_checkpointing = False
-        self.last_layout: Optional[WindowLayout] = None
-
-    def _global_queries(self, x: torch.Tensor, layout: WindowLayout) -> torch.Tensor:
-        """The global tokens as queries ``[b*w, h, n, c/h]``: one per window position, shared by all windows."""
-        g = self.global_block(x)
-        if not _fx_tracing() and tuple(g.shape[-2:]) != layout.window:
-            # off the configured resolution the tower's output need not match the window: resample it
-            if g.shape[-2] >= layout.window[0] and g.shape[-1] >= layout.window[1]:
-                g = F.adaptive_avg_pool2d(g, layout.window)
-            else:
-                g = F.interpolate(g, size=layout.window, mode='bilinear', align_corners=False)
-        b, c = g.shape[0], g.shape[1]
-        g = self.global_norm(g.permute(0, 2, 3, 1))  # [b, wh, ww, c]
-        q = g.reshape(b, 1, layout.tokens_per_window, self.num_heads, c // self.num_heads).permute(0, 1, 3, 2, 4)
-        q = q.expand(b, layout.num_windows, -1, -1, -1)
-        return q.reshape(b * layout.num_windows, self.num_heads, layout.tokens_per_window, c // self.num_heads)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.downsample(x)
-        b = x.shape[0]
-        # symbolic tracing (timm's fx feature extraction) lays windows out for the configured size
-        feat_size = self.feat_size if _fx_tracing() else tuple(x.shape[-2:])
-        layout = WindowLayout(feat_size, self.window_size, None if _fx_tracing() else x.device)
-        if not exporting():
-            self.last_layout = layout  # for routing_maps(): where each token of the last input sat
-        q_global = self._global_queries(x, layout)
-        key_mask = layout.window_batch_mask(b)
-        x = layout.partition(x)
-        for i, blk in enumerate(self.blocks):
-            if self.grad_checkpointing and not torch.jit.is_scripting():
-                x = checkpoint(blk, x, q_global, layout, key_mask, use_reentrant=False)
-            else:
-                x = blk(x, q_global, layout, key_mask, owns_input=i > 0)
-        x = self.norm(x)
-        return layout.reverse(x)
+__all__ = ['GlobalContextVit', 'checkpoint_filter_fn', 'create_gcvimoe', 'base_cfg']
 
 
 def _channels_last_strides(weight: nn.Parameter) -> None:
-    """Give a conv weight the exact strides of a channels-last tensor, size-1 dimensions included (``.contiguous``
-    leaves those as they are). Every conv after the stem runs on channels-last maps, so its weight gradient comes out
-    with these strides, and DDP's gradient buckets, laid out like the parameters, take it without a copy."""
+    """Give a depthwise or 1x1 conv weight the exact strides of a channels-last tensor, size-1 dimensions included
+    (``.contiguous`` leaves those as they are). Every conv after the stem runs on channels-last maps, so its weight
+    gradient comes out with these strides, and DDP's gradient buckets, laid out like the parameters, take it without
+    a copy. For such a weight the channels-last layout is contiguous too. A full 3x3 conv's (the downsamples'
+    reductions) is not, and safetensors, so timm's ``save_for_hf``, refuses non-contiguous tensors: that weight keeps
+    the standard layout, and autograd lays its gradient out the same way."""
     out_chs, in_chs, height, width = weight.shape
+    if in_chs > 1 and height * width > 1:
+        return
     strides = (height * width * in_chs, 1, width * in_chs, in_chs)
     weight.data = torch.empty_strided(weight.shape, strides, dtype=weight.dtype, device=weight.device).copy_(weight)
 
@@ -712,7 +269,7 @@ class GlobalContextVit(nn.Module):
         return maps
 
     def _check_input(self, x: torch.Tensor) -> None:
-        if _fx_tracing():
+        if fx_tracing():
             return
         if x.ndim != 4 or x.shape[1] != self.in_chans:
             raise GcvimoeError(
@@ -781,7 +338,8 @@ def checkpoint_filter_fn(state_dict: Dict[str, torch.Tensor], model: GlobalConte
     return out
 
 
-def _create_gcvimoe(variant: str, pretrained: bool = False, **kwargs) -> GlobalContextVit:
+def create_gcvimoe(variant: str, pretrained: bool = False, **kwargs) -> GlobalContextVit:
+    """timm's builder for a registered ``variant``: its pretrained cfg, the checkpoint filter, ``features_only``."""
     return build_model_with_cfg(
         GlobalContextVit,
         variant,
@@ -792,7 +350,8 @@ def _create_gcvimoe(variant: str, pretrained: bool = False, **kwargs) -> GlobalC
     )
 
 
-def _cfg(**kwargs) -> dict:
+def base_cfg(**kwargs) -> dict:
+    """The pretrained cfg every variant shares (ImageNet preprocessing), ``kwargs`` overriding it."""
     return {
         'url': '', 'num_classes': 1000, 'input_size': (3, 224, 224), 'pool_size': (7, 7),
         'crop_pct': 0.875, 'interpolation': 'bicubic', 'fixed_input_size': False,
@@ -800,114 +359,3 @@ def _cfg(**kwargs) -> dict:
         'first_conv': 'stem.conv1', 'classifier': 'head.fc', 'license': 'apache-2.0',
         **kwargs,
     }
-
-
-# Architecture of each published GC ViT variant (paper Table 1 / NVlabs configs) and our small `pico` and `nano`.
-# `pico` is the small-image default of `gcvimoe train`: 8x8-token windows clipped to the feature map, so at 32 px every
-# stage attends over its whole map (8x8, 4x4, 2x2, 1x1 tokens) instead of nano's 4x4 windows in stage 1, and four
-# stage-3 blocks instead of six. Windows are given in tokens, not as a ratio of the input, so larger inputs keep
-# cheap 8x8 windows. Its experts go in every other block of every stage: Swin-MoE's stages 3-4 see 2x2 and 1x1 tokens
-# of a 32 px image, 5 of its 85 tokens, while every other block of every stage gives the experts all four maps.
-VARIANTS: Dict[str, dict] = {
-    'pico': dict(embed_dim=32, depths=(2, 2, 4, 2), num_heads=(1, 2, 4, 8), mlp_ratio=3., img_size=32,
-                 window_size=8, weight_init='vit', default_moe_blocks='every 2nd block of stages 1-4'),
-    'nano': dict(embed_dim=32, depths=(2, 2, 6, 2), num_heads=(1, 2, 4, 8), mlp_ratio=3., img_size=32,
-                 window_ratio=(8, 8, 16, 32)),
-    'xxtiny': dict(embed_dim=64, depths=(2, 2, 6, 2), num_heads=(2, 4, 8, 16), mlp_ratio=3.),
-    'xtiny': dict(embed_dim=64, depths=(3, 4, 6, 5), num_heads=(2, 4, 8, 16), mlp_ratio=3.),
-    'tiny': dict(embed_dim=64, depths=(3, 4, 19, 5), num_heads=(2, 4, 8, 16), mlp_ratio=3.),
-    'tiny2': dict(embed_dim=64, depths=(3, 4, 29, 5), num_heads=(2, 4, 8, 16), mlp_ratio=3.),
-    'small': dict(embed_dim=96, depths=(3, 4, 19, 5), num_heads=(3, 6, 12, 24), mlp_ratio=2., layer_scale=1e-5),
-    'small2': dict(embed_dim=96, depths=(3, 4, 23, 5), num_heads=(3, 6, 12, 24), mlp_ratio=3., layer_scale=1e-5),
-    'base': dict(embed_dim=128, depths=(3, 4, 19, 5), num_heads=(4, 8, 16, 32), mlp_ratio=2., layer_scale=1e-5),
-    'large': dict(embed_dim=192, depths=(3, 4, 19, 5), num_heads=(6, 12, 24, 48), mlp_ratio=2., layer_scale=1e-5),
-}
-
-SMALL_INPUT = ('pico', 'nano')  # single-channel 32 px variants
-
-default_cfgs = generate_default_cfgs({
-    f'gcvimoe_{size}': _cfg(input_size=(1 if size in SMALL_INPUT else 3, *to_2tuple(arch.get('img_size', 224))),
-                            pool_size=(1, 1) if size in SMALL_INPUT else (7, 7))
-    for size, arch in VARIANTS.items()
-})
-
-
-_CONSTRUCTOR_ARGS = frozenset(inspect.signature(GlobalContextVit.__init__).parameters) - {'self', 'device', 'dtype'}
-
-
-def _variant(size: str, pretrained: bool, **kwargs) -> GlobalContextVit:
-    model_args = dict(VARIANTS[size])
-    placement = model_args.pop('default_moe_blocks', 'swin')
-    if size in SMALL_INPUT:
-        model_args.update(in_chans=1)
-    model_args.update(kwargs)
-    # the MoE options resolved once, with the variant's placement where they leave it null; the model and its saved
-    # arguments get this concrete config, so a later default cannot move a saved model's experts
-    moe_config = MoEConfig.resolve(model_args.pop('moe', None),
-                                   **{k: model_args.pop(k) for k in list(model_args) if k in MOE_FIELDS})
-    if moe_config.moe_blocks is None:
-        moe_config = moe_config.replace(moe_blocks=placement)
-    model = _create_gcvimoe(f'gcvimoe_{size}', pretrained=pretrained, moe=moe_config, **model_args)
-    # the registered input size is the variant's default; timm's data helpers read the built model's own
-    in_chans, input_size = model_args.get('in_chans', 3), model.pretrained_cfg['input_size']
-    img_size = getattr(model, 'img_size', None)  # a features_only wrapper has none, and no data config to serve
-    if img_size is not None and (input_size[0] != in_chans or tuple(input_size[1:]) != tuple(img_size)):
-        model.pretrained_cfg = model.default_cfg = {**model.pretrained_cfg, 'input_size': (in_chans, *img_size)}
-    # what a checkpoint needs to rebuild this model: the name and the arguments that differ from the variant's
-    model.model_name = f'gcvimoe_{size}'
-    model.model_args = {k: v for k, v in kwargs.items() if k in _CONSTRUCTOR_ARGS and k != 'moe'}
-    model.model_args['moe'] = moe_config.to_dict()
-    return model
-
-
-@register_model
-def gcvimoe_pico(pretrained: bool = False, **kwargs) -> GlobalContextVit:
-    """GCViMoE pico: 32 px single-channel default, widths 32-256, depths 2,2,4,2, 8x8-token windows clipped to the
-    map (whole-map attention in every stage at 32 px): the small-image default of ``gcvimoe train``."""
-    return _variant('pico', pretrained, **kwargs)
-
-
-@register_model
-def gcvimoe_nano(pretrained: bool = False, **kwargs) -> GlobalContextVit:
-    """GCViMoE nano: 32 px single-channel default, widths 32-256, depths 2,2,6,2 (for digits / Fashion-MNIST)."""
-    return _variant('nano', pretrained, **kwargs)
-
-
-@register_model
-def gcvimoe_xxtiny(pretrained: bool = False, **kwargs) -> GlobalContextVit:
-    return _variant('xxtiny', pretrained, **kwargs)
-
-
-@register_model
-def gcvimoe_xtiny(pretrained: bool = False, **kwargs) -> GlobalContextVit:
-    return _variant('xtiny', pretrained, **kwargs)
-
-
-@register_model
-def gcvimoe_tiny(pretrained: bool = False, **kwargs) -> GlobalContextVit:
-    return _variant('tiny', pretrained, **kwargs)
-
-
-@register_model
-def gcvimoe_tiny2(pretrained: bool = False, **kwargs) -> GlobalContextVit:
-    return _variant('tiny2', pretrained, **kwargs)
-
-
-@register_model
-def gcvimoe_small(pretrained: bool = False, **kwargs) -> GlobalContextVit:
-    return _variant('small', pretrained, **kwargs)
-
-
-@register_model
-def gcvimoe_small2(pretrained: bool = False, **kwargs) -> GlobalContextVit:
-    return _variant('small2', pretrained, **kwargs)
-
-
-@register_model
-def gcvimoe_base(pretrained: bool = False, **kwargs) -> GlobalContextVit:
-    return _variant('base', pretrained, **kwargs)
-
-
-@register_model
-def gcvimoe_large(pretrained: bool = False, **kwargs) -> GlobalContextVit:
-    return _variant('large', pretrained, **kwargs)
