@@ -10,9 +10,10 @@ from torch import nn
 from gcvimoe.data import DataConfig, build_transform, create_dataset, create_loader, resolve_data_config
 from gcvimoe.errors import GcvimoeError
 from gcvimoe.models import Checkpoint, model_from_checkpoint, read_checkpoint
-from gcvimoe.train.distributed import DistInfo, all_reduce_sum, max_over_processes, resolve_device
 from gcvimoe.moe import MoEReport, collect_moe_report, moe_layers
 from gcvimoe.moe.parallel import is_expert_parallel
+from gcvimoe.train.device import resolve_device
+from gcvimoe.train.distributed import DistInfo, all_reduce_sum, max_over_processes
 from gcvimoe.train.progress import track
 
 

@@ -11,7 +11,7 @@ import torch
 from gcvimoe.data import build_transform, find_images, load_image
 from gcvimoe.errors import GcvimoeError
 from gcvimoe.models import model_from_checkpoint, read_checkpoint
-from gcvimoe.train.distributed import resolve_device
+from gcvimoe.train.device import resolve_device
 from gcvimoe.train.evaluate import trained_data_config
 
 
