@@ -31,8 +31,8 @@ import signal  # noqa: E402
 
 from gcvimoe.train import build_config, train  # noqa: E402
 from gcvimoe.train.preemption import Preempted, parse_save_interval  # noqa: E402
-from gcvimoe.train.state import load_training_checkpoint  # noqa: E402
-from gcvimoe.train.trainer import Callback  # noqa: E402
+from gcvimoe.train.checkpointing import load_training_checkpoint  # noqa: E402
+from gcvimoe.train.run import Callback  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 DIGITS = {"model_kwargs": {"embed_dim": 16}, "img_size": 16, "batch_size": 48, "epochs": 2, "warmup_epochs": 1,

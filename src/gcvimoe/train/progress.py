@@ -1,4 +1,5 @@
-"""What a run shows while it runs: step lines, progress bars, and TensorBoard / Weights & Biases scalars.
+"""What a run shows while it runs: the console and ``train.log`` (:func:`log_to`), step lines, progress bars, and
+TensorBoard / Weights & Biases scalars.
 
 Reading a value the GPU computed makes the host wait for the GPU, so the training loop sums its losses, image counts
 and expert token counts on the device (:class:`StepMeter`) and reads them only at log steps: the first and the last
@@ -296,6 +297,32 @@ def _wandb_run(output_dir: Path, config: Dict[str, Any]):
         run.define_metric(axis)
         run.define_metric(f"{axis}/*", step_metric=axis)
     return run
+
+
+@contextmanager
+def log_to(output_dir: Path, info: DistInfo, append: bool):
+    """Log to the console (primary process) and to ``output_dir/train.log`` inside the ``with`` block."""
+    logger = logging.getLogger("gcvimoe")
+    saved = logger.level, logger.propagate
+    logger.setLevel(logging.INFO)
+    logger.propagate = False
+    handlers: List[logging.Handler] = []
+    if info.is_primary:
+        console = logging.StreamHandler(sys.stdout)
+        console.setFormatter(logging.Formatter("%(message)s"))
+        log_file = logging.FileHandler(output_dir / "train.log", mode="a" if append else "w")
+        log_file.setFormatter(logging.Formatter("%(asctime)s %(message)s", "%Y-%m-%d %H:%M:%S"))
+        handlers = [console, log_file]
+    for handler in handlers:
+        logger.addHandler(handler)
+    try:
+        yield
+    finally:
+        for handler in handlers:
+            logger.removeHandler(handler)
+            handler.close()
+        logger.setLevel(saved[0])
+        logger.propagate = saved[1]
 
 
 @contextmanager
