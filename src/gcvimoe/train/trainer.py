@@ -54,7 +54,8 @@ from gcvimoe.train.checkpointing import (
     check_output_dir, repair_after_kill, restore, save_run_checkpoint, write_model_folder)
 from gcvimoe.train.checks import (
     check_output_folder, checkpoint_bytes, collect_unreadable, listing_unreadable_on_error, prepare_data)
-from gcvimoe.train.config import TrainConfig, parse_duration, save_config
+from gcvimoe.train.config import TrainConfig, save_config
+from gcvimoe.train.durations import parse_duration
 from gcvimoe.train.distributed import (
     DistInfo, all_gather_objects, all_reduce_sum, average_expert_grads, barrier, cleanup,
     clip_grad_norm_expert_parallel, collective_failure, init_distributed, is_collective_failure)
