@@ -34,7 +34,7 @@ from timm.utils.distributed import is_distributed_env, world_info_from_env
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
-from gcvimoe.errors import GcvimoeError
+from gcvimoe.errors import GcvimoeError, first_line
 from gcvimoe.moe.parallel import is_expert_parallel, shard_experts_
 from gcvimoe.train.device import resolve_device
 
@@ -169,7 +169,7 @@ def is_collective_failure(error: BaseException, info: DistInfo) -> bool:
 
 def collective_failure(error: BaseException, info: DistInfo) -> LostProcessError:
     """One line for a collective that failed or timed out (the error of torch's backend, as a LostProcessError)."""
-    text = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+    text = first_line(error)
     text = text.split("] ", 1)[-1] if text.startswith("[") else text  # gloo starts with its source file
     timeout = f" (--dist-timeout {info.heartbeat.timeout:.0f} s)" if info.heartbeat is not None else ""
     return LostProcessError(f"a collective of process {info.rank} of {info.world_size} failed{timeout}: {text[:200]}; "

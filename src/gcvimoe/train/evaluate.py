@@ -155,7 +155,8 @@ def evaluate(
         "top1": 100.0 * float(sums[1]) / count,
         "top5": 100.0 * float(sums[2]) / count,
         "num_images": int(sums[3]),
-        "per_class_top1": [100.0 * float(h) / float(c) if c else None for h, c in zip(class_hits, class_counts)],
+        "per_class_top1": [100.0 * float(h) / float(c) if c else None
+                           for h, c in zip(class_hits, class_counts, strict=True)],
         "class_counts": [int(c) for c in class_counts],
         "experts": usage.summary(),
         "dropped_fraction": usage.dropped_fraction,

@@ -18,7 +18,7 @@ import torch
 import torch.distributed.checkpoint as dcp
 from torch import nn
 
-from gcvimoe.errors import GcvimoeError
+from gcvimoe.errors import GcvimoeError, first_line
 from gcvimoe.files import atomic_dir, temporary_path
 from gcvimoe.models.sharded import TRAINING_FILE, SafeFileSystemReader, tensor_index
 from gcvimoe.moe.parallel import (
@@ -179,9 +179,8 @@ def load_sharded(folder, model: nn.Module, optimizer: Optional[torch.optim.Optim
             warnings.simplefilter("ignore")
             dcp.load(flat, storage_reader=SafeFileSystemReader(str(folder)), no_dist=not info.distributed)
     except (RuntimeError, dcp.api.CheckpointException) as e:
-        text = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
-        raise GcvimoeError(f"cannot load the sharded checkpoint {folder} into this model ({text}); resume with "
-                           f"the run's own config") from None
+        raise GcvimoeError(f"cannot load the sharded checkpoint {folder} into this model ({first_line(e, 200)}); "
+                           f"resume with the run's own config") from None
     model.load_state_dict(_part(targets, "state_dict."))
     if ema_model is not None:
         ema_model.load_state_dict(_part(targets, "ema_state_dict.") if saved_ema else model.state_dict())
