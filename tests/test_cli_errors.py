@@ -134,6 +134,6 @@ def test_compile_that_cannot_work_is_one_line(capsys, monkeypatch):
     code, err = run_cli(capsys, "train", "--compile", "--epochs", "1", "--output", "run")
     assert_one_error_line(code, err, "--compile", "torch.compile is not supported", "train without --compile")
     monkeypatch.setattr(torch._dynamo, "is_dynamo_supported", lambda: True)
-    monkeypatch.setattr("gcvimoe.train.trainer.shutil.which", lambda name: None)
+    monkeypatch.setattr("gcvimoe.train.build.shutil.which", lambda name: None)
     code, err = run_cli(capsys, "train", "--compile", "--epochs", "1", "--output", "run2")
     assert_one_error_line(code, err, "needs a C++ compiler")

@@ -143,7 +143,7 @@ def test_every_moe_option_reaches_the_model(tmp_path):
     from gcvimoe.models import create_model
     from gcvimoe.moe import GCVIMOE, moe_layers
     from gcvimoe.moe.config import FIELDS
-    from gcvimoe.train.trainer import model_args
+    from gcvimoe.train.build import model_args
 
     assert set(NON_DEFAULT_MOE) == set(FIELDS)
     assert all(NON_DEFAULT_MOE[name] != getattr(GCVIMOE, name) for name in FIELDS)

@@ -6,7 +6,7 @@ from PIL import Image
 from gcvimoe.cli import main
 from gcvimoe.data import resolve_data_config
 from gcvimoe.train import build_config
-from gcvimoe.train.trainer import derive_from_data
+from gcvimoe.train.build import derive_from_data
 
 
 def _folder(root, grey, side=28, per_class=40):

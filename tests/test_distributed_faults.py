@@ -20,9 +20,9 @@ from gcvimoe.errors import GcvimoeError
 from gcvimoe.models import create_model, read_checkpoint
 from gcvimoe.models.sharded import is_sharded_checkpoint
 from gcvimoe.moe.parallel import shard_experts_
-from gcvimoe.train.distributed import (
-    EXIT_LOST_PROCESS, DistInfo, full_state, load_sharded, save_sharded, sharded_state)
-from gcvimoe.train.state import find_resume_checkpoint, load_training_checkpoint
+from gcvimoe.train.checkpointing import find_resume_checkpoint, load_training_checkpoint
+from gcvimoe.train.distributed import EXIT_LOST_PROCESS, DistInfo
+from gcvimoe.train.sharded_checkpoints import full_state, load_sharded, save_sharded, sharded_state
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -19,7 +19,7 @@ from helpers import cli as run_cli
 from gcvimoe.data import DataConfig, build_transform, load_image, read_image
 from gcvimoe.errors import GcvimoeError
 from gcvimoe.files import atomic_path, temporary_path
-from gcvimoe.train.state import save_checkpoint
+from gcvimoe.train.checkpointing import save_checkpoint
 
 # gcvimoe silences PIL's warning about images it refuses anyway; pytest resets warning filters for each test
 pytestmark = [pytest.mark.usefixtures("one_thread"),

@@ -30,7 +30,7 @@ def test_old_training_config_resumes_into_the_same_model():
     from gcvimoe.data.factory import resolve_data_config
     from gcvimoe.models import build_model, read_checkpoint
     from gcvimoe.train import build_config
-    from gcvimoe.train.trainer import model_args
+    from gcvimoe.train.build import model_args
 
     checkpoint = read_checkpoint(FIXTURES / "nano_moe_checkpoint.pth")
     cfg = build_config(base=checkpoint.training["config"])

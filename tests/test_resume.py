@@ -19,7 +19,7 @@ def test_an_epoch_started_at_a_batch_sees_the_same_augmented_images(workers):
     torch.manual_seed(1)  # the caller's stream does not matter: each sample has its own
     rest = list(loader)
     assert len(rest) == len(whole) - 5 and batches_per_epoch(loader) == len(whole)
-    for (images, targets), (expected_images, expected_targets) in zip(rest, whole[5:]):
+    for (images, targets), (expected_images, expected_targets) in zip(rest, whole[5:], strict=True):
         assert torch.equal(targets, expected_targets) and torch.equal(images, expected_images)
     set_epoch(loader, 3, seed=3)
     assert not torch.equal(next(iter(loader))[0], whole[0][0])  # another epoch, other crops
@@ -30,9 +30,10 @@ import os  # noqa: E402
 import signal  # noqa: E402
 
 from gcvimoe.train import build_config, train  # noqa: E402
-from gcvimoe.train.preemption import Preempted, parse_save_interval  # noqa: E402
-from gcvimoe.train.state import load_training_checkpoint  # noqa: E402
-from gcvimoe.train.trainer import Callback  # noqa: E402
+from gcvimoe.train.durations import parse_save_interval  # noqa: E402
+from gcvimoe.train.preemption import Preempted  # noqa: E402
+from gcvimoe.train.checkpointing import load_training_checkpoint  # noqa: E402
+from gcvimoe.train.run import Callback  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 DIGITS = {"model_kwargs": {"embed_dim": 16}, "img_size": 16, "batch_size": 48, "epochs": 2, "warmup_epochs": 1,
@@ -68,7 +69,7 @@ def _assert_same_run(a, b):
     last_a, last_b = (torch.load(p / "last.pth", weights_only=True) for p in (a, b))
     for key in last_a["state_dict"]:
         assert torch.equal(last_a["state_dict"][key], last_b["state_dict"][key]), key
-    for state_a, state_b in zip(last_a["optimizer"]["state"].values(), last_b["optimizer"]["state"].values()):
+    for state_a, state_b in zip(last_a["optimizer"]["state"].values(), last_b["optimizer"]["state"].values(), strict=True):
         assert all(torch.equal(state_a[k], state_b[k]) for k in state_a)
     best_a, best_b = (torch.load(p / "best.pth", weights_only=True)["state_dict"] for p in (a, b))
     assert all(torch.equal(best_a[k], best_b[k]) for k in best_a)

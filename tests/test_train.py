@@ -19,7 +19,8 @@ from gcvimoe.models import model_from_checkpoint
 from gcvimoe.train.config import build_config
 from gcvimoe.train.distributed import DistInfo, check_expert_parallel_optimizer
 from gcvimoe.train.evaluate import evaluate
-from gcvimoe.train.trainer import EMA_COLUMNS, SUMMARY_COLUMNS, check_finite_loss
+from gcvimoe.train.checkpointing import EMA_COLUMNS, SUMMARY_COLUMNS
+from gcvimoe.train.trainer import check_finite_loss
 from gcvimoe.errors import GcvimoeError
 from gcvimoe.models import create_model
 from gcvimoe.moe.parallel import shard_experts_

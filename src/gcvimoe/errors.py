@@ -15,6 +15,13 @@ class GcvimoeError(ValueError):
     exit_code = 2
 
 
+def first_line(error: BaseException, limit: Optional[int] = None) -> str:
+    """The first line of ``error``'s message (at most ``limit`` characters), or its type's name when it has none: for
+    a one-line error that quotes a library's."""
+    text = str(error).strip()
+    return text.splitlines()[0][:limit] if text else type(error).__name__
+
+
 def nearest(name: str, choices: Iterable[str]) -> Optional[str]:
     """The choice nearest to ``name`` (dashes read as underscores), or None when none is close."""
     choices = list(choices)

@@ -19,7 +19,7 @@ from gcvimoe.errors import GcvimoeError, nearest
 from gcvimoe.moe import config as moe_config
 from gcvimoe.train.config import (
     CONFIG_ALIASES, FIELD_TYPES, FIELDS, TrainConfig, build_config, builtin_configs, config_yaml, parse_cli_value)
-from gcvimoe.train.state import find_resume_checkpoint, load_training_checkpoint
+from gcvimoe.train.checkpointing import find_resume_checkpoint, load_training_checkpoint
 
 _GROUPS = (
     ("model", "model"), ("dataset", "data"), ("scale", "augmentation"), ("epochs", "optimisation"),
@@ -106,7 +106,7 @@ def config_from_args(args: argparse.Namespace):
 
 def _with_data(cfg):
     """The config with the data-derived values filled in, when the data can be read now (else None)."""
-    from gcvimoe.train.trainer import derive_from_data
+    from gcvimoe.train.build import derive_from_data
     try:
         return derive_from_data(cfg)[0]
     except GcvimoeError:
@@ -118,7 +118,8 @@ def run(args: argparse.Namespace) -> int:
     if args.print_config:
         print(config_yaml(cfg, _with_data(cfg)), end="")
         return 0
-    from gcvimoe.train.trainer import never_checkpointed, train
+    from gcvimoe.train.checkpointing import never_checkpointed
+    from gcvimoe.train.trainer import train
     if args.resume == "auto" and checkpoint is None:
         print(f"resume auto: no last.pth in {cfg.output}, starting a new run")
         if never_checkpointed(Path(cfg.output)):

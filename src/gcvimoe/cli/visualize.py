@@ -18,7 +18,7 @@ from gcvimoe.data import DataConfig, build_transform, create_dataset, find_image
 from gcvimoe.errors import GcvimoeError
 from gcvimoe.models import model_from_checkpoint, read_checkpoint
 from gcvimoe.moe import moe_layers
-from gcvimoe.train.distributed import resolve_device
+from gcvimoe.train.device import resolve_device
 from gcvimoe.train.evaluate import eval_data_config, trained_data_config
 
 Images = Tuple[torch.Tensor, List[str], Optional[List[int]]]

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from gcvimoe.errors import GcvimoeError
 from gcvimoe.models import create_model
 from gcvimoe.moe import collect_aux_loss
-from gcvimoe.train.distributed import resolve_device
+from gcvimoe.train.device import resolve_device
 
 
 def peak_memory_mib(device: torch.device) -> float:

@@ -25,7 +25,7 @@ from gcvimoe.files import write_text
 from gcvimoe.train.distributed import DistInfo, all_gather_objects
 
 if TYPE_CHECKING:
-    from gcvimoe.train.trainer import Run
+    from gcvimoe.train.run import Run
 
 _logger = logging.getLogger("gcvimoe.train")
 

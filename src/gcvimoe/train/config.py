@@ -23,7 +23,7 @@ from gcvimoe.errors import GcvimoeError, did_you_mean
 from gcvimoe.files import write_text
 from gcvimoe.moe import GCVIMOE, MoEConfig
 from gcvimoe.moe import config as moe_config
-from gcvimoe.train.preemption import parse_save_interval
+from gcvimoe.train.durations import parse_duration, parse_save_interval
 
 DATASETS = ("digits", "fashion-mnist", "folder")
 
@@ -415,24 +415,6 @@ def scaled_lr(cfg: TrainConfig, global_batch: int) -> float:
         return cfg.lr
     ratio = global_batch / cfg.lr_batch_size
     return cfg.lr * (ratio if cfg.lr_scale == "linear" else math.sqrt(ratio))
-
-
-_SECONDS_PER_UNIT = {"": 1, "s": 1, "m": 60, "h": 3600}
-
-
-def parse_duration(name: str, text: str) -> float:
-    """Seconds of a duration written as ``600``, ``90s``, ``10m``, ``1.5h``; a one-line error naming key ``name``."""
-    number, unit = str(text).strip(), ""
-    if number[-1:].lower() in ("s", "m", "h"):
-        number, unit = number[:-1], number[-1].lower()
-    try:
-        seconds = float(number) * _SECONDS_PER_UNIT[unit]
-    except ValueError:
-        raise GcvimoeError(f"config key '{name}' must be a duration such as 600, 90s, 10m or 1h, got {text!r}") \
-            from None
-    if not math.isfinite(seconds):
-        raise GcvimoeError(f"config key '{name}' must be a finite duration, got {text!r}")
-    return seconds
 
 
 def build_config(

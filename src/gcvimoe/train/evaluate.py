@@ -10,9 +10,10 @@ from torch import nn
 from gcvimoe.data import DataConfig, build_transform, create_dataset, create_loader, resolve_data_config
 from gcvimoe.errors import GcvimoeError
 from gcvimoe.models import Checkpoint, model_from_checkpoint, read_checkpoint
-from gcvimoe.train.distributed import DistInfo, all_reduce_sum, max_over_processes, resolve_device
 from gcvimoe.moe import MoEReport, collect_moe_report, moe_layers
 from gcvimoe.moe.parallel import is_expert_parallel
+from gcvimoe.train.device import resolve_device
+from gcvimoe.train.distributed import DistInfo, all_reduce_sum, max_over_processes
 from gcvimoe.train.progress import track
 
 
@@ -154,7 +155,8 @@ def evaluate(
         "top1": 100.0 * float(sums[1]) / count,
         "top5": 100.0 * float(sums[2]) / count,
         "num_images": int(sums[3]),
-        "per_class_top1": [100.0 * float(h) / float(c) if c else None for h, c in zip(class_hits, class_counts)],
+        "per_class_top1": [100.0 * float(h) / float(c) if c else None
+                           for h, c in zip(class_hits, class_counts, strict=True)],
         "class_counts": [int(c) for c in class_counts],
         "experts": usage.summary(),
         "dropped_fraction": usage.dropped_fraction,

@@ -11,7 +11,7 @@ import torch
 from gcvimoe.data import build_transform, find_images, load_image
 from gcvimoe.errors import GcvimoeError
 from gcvimoe.models import model_from_checkpoint, read_checkpoint
-from gcvimoe.train.distributed import resolve_device
+from gcvimoe.train.device import resolve_device
 from gcvimoe.train.evaluate import trained_data_config
 
 
@@ -28,7 +28,7 @@ class Predictions:
 
 
 @torch.no_grad()
-def predict(  # noqa: PLR0913  (the command's flags)
+def predict(
         checkpoint_path,
         images: Sequence[str],
         topk: int = 5,
@@ -62,9 +62,9 @@ def predict(  # noqa: PLR0913  (the command's flags)
             continue
         probs = model(torch.stack(batch).to(device)).float().softmax(dim=-1).cpu()
         values, indices = probs.topk(topk, dim=-1)
-        for name, row_values, row_indices in zip(names, values.tolist(), indices.tolist()):
-            out.results.append({"image": name, "top": [
-                {"label": data_cfg.class_names[i], "probability": p} for p, i in zip(row_values, row_indices)]})
+        for name, row_values, row_indices in zip(names, values.tolist(), indices.tolist(), strict=True):
+            out.results.append({"image": name, "top": [{"label": data_cfg.class_names[i], "probability": p}
+                                                       for p, i in zip(row_values, row_indices, strict=True)]})
     return out
 
 

@@ -8,7 +8,6 @@ resumable ``last.pth`` (the epoch's position, its partial sums and every process
 several processes they agree first (one tiny all-reduce per optimiser step, on a CPU group, so no GPU sync), so
 every process saves and stops at the same step.
 """
-import re
 import signal
 import threading
 import time
@@ -18,20 +17,10 @@ import torch
 import torch.distributed as dist
 
 from gcvimoe.errors import GcvimoeError
+from gcvimoe.train.durations import parse_save_interval
 from gcvimoe.train.distributed import DistInfo
 
 SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1)
-_UNITS = {"s": 1, "m": 60, "h": 3600}
-
-
-def parse_save_interval(text: str) -> Tuple[int, float]:
-    """``"500"`` -> (500 steps, 0 s); ``"10m"``, ``"90s"``, ``"2h"`` -> (0, seconds); ``""`` or ``"0"`` -> (0, 0)."""
-    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([smh]?)\s*", str(text or "0"))
-    if match is None or (not match.group(2) and "." in match.group(1)):
-        raise GcvimoeError(f"--save-interval {text!r} is neither a number of optimiser steps (500) nor a duration "
-                           f"(90s, 10m, 2h)")
-    value, unit = float(match.group(1)), match.group(2)
-    return (0, value * _UNITS[unit]) if unit else (int(value), 0.0)
 
 
 class Preempted(GcvimoeError):
@@ -46,7 +35,7 @@ class Preemption:
     """The save-interval clock and the stop flag; a context manager that installs the signal handlers.
 
     Args:
-        save_interval: ``--save-interval`` (see :func:`parse_save_interval`).
+        save_interval: ``--save-interval`` (see :func:`gcvimoe.train.durations.parse_save_interval`).
         info: The process group: with several processes, decisions are all-reduced so that all agree.
     """
 

@@ -1,4 +1,5 @@
-"""What a run shows while it runs: step lines, progress bars, and TensorBoard / Weights & Biases scalars.
+"""What a run shows while it runs: the console and ``train.log`` (:func:`log_to`), step lines, progress bars, and
+TensorBoard / Weights & Biases scalars.
 
 Reading a value the GPU computed makes the host wait for the GPU, so the training loop sums its losses, image counts
 and expert token counts on the device (:class:`StepMeter`) and reads them only at log steps: the first and the last
@@ -28,7 +29,7 @@ from torch import nn
 from tqdm import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
-from gcvimoe.errors import GcvimoeError
+from gcvimoe.errors import GcvimoeError, first_line
 from gcvimoe.moe import MoEReport, moe_layers
 from gcvimoe.train.distributed import DistInfo, all_reduce_sum
 
@@ -135,7 +136,7 @@ class StepMeter:
         """Continue an epoch saved after ``start_batch`` micro-batches: ``sums`` holds every process's sums then
         (:meth:`own_sums`, gathered), so the epoch's totals come out as if it had not stopped."""
         self.sums += torch.tensor(sums[rank], dtype=self.sums.dtype, device=self.sums.device)
-        self.totals = [sum(values) for values in zip(*sums)]
+        self.totals = [sum(values) for values in zip(*sums, strict=True)]
         self.step_lrs = [math.nan] * start_batch
         self.batches_read = start_batch
         if self.bar is not None:
@@ -198,7 +199,7 @@ class StepMeter:
         lr = self.step_lrs[-1]
         totals = all_reduce_sum(self.sums.clone(), self.info).tolist()
         now = time.perf_counter()
-        window = [total - previous for total, previous in zip(totals, self.totals)]
+        window = [total - previous for total, previous in zip(totals, self.totals, strict=True)]
         experts = self._experts(window)
         images = max(window[2], 1.0)
         record = {"loss": window[0] / images, "aux_loss": window[1] / images,
@@ -290,12 +291,38 @@ def _wandb_run(output_dir: Path, config: Dict[str, Any]):
         run = wandb.init(project=os.environ.get("WANDB_PROJECT", "gcvimoe"), name=output_dir.name,
                          dir=str(output_dir), config=config)
     except wandb.errors.Error as e:
-        raise GcvimoeError(f"--log-wandb: {str(e).strip().splitlines()[0]}; run `wandb login`, set WANDB_MODE=offline, "
+        raise GcvimoeError(f"--log-wandb: {first_line(e)}; run `wandb login`, set WANDB_MODE=offline, "
                            "or train without --log-wandb") from None
     for axis in ("step", "epoch"):
         run.define_metric(axis)
         run.define_metric(f"{axis}/*", step_metric=axis)
     return run
+
+
+@contextmanager
+def log_to(output_dir: Path, info: DistInfo, append: bool):
+    """Log to the console (primary process) and to ``output_dir/train.log`` inside the ``with`` block."""
+    logger = logging.getLogger("gcvimoe")
+    saved = logger.level, logger.propagate
+    logger.setLevel(logging.INFO)
+    logger.propagate = False
+    handlers: List[logging.Handler] = []
+    if info.is_primary:
+        console = logging.StreamHandler(sys.stdout)
+        console.setFormatter(logging.Formatter("%(message)s"))
+        log_file = logging.FileHandler(output_dir / "train.log", mode="a" if append else "w")
+        log_file.setFormatter(logging.Formatter("%(asctime)s %(message)s", "%Y-%m-%d %H:%M:%S"))
+        handlers = [console, log_file]
+    for handler in handlers:
+        logger.addHandler(handler)
+    try:
+        yield
+    finally:
+        for handler in handlers:
+            logger.removeHandler(handler)
+            handler.close()
+        logger.setLevel(saved[0])
+        logger.propagate = saved[1]
 
 
 @contextmanager
