@@ -56,8 +56,8 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from gcvimoe.data import (
-    DataConfig, batches_per_epoch, build_transform, create_dataset, create_loader, resolve_data_config, set_epoch,
-    train_image_count)
+    DataConfig, batches_per_epoch, build_transform, create_dataset, create_loader, get_source, resolve_data_config,
+    set_epoch, train_image_count)
 from gcvimoe.errors import GcvimoeError, did_you_mean
 from gcvimoe.files import atomic_dir, atomic_path, write_records
 from gcvimoe.models import (
@@ -471,7 +471,7 @@ def default_workers(dataset: str) -> int:
     """Loader processes when the config leaves it to the machine: none for the in-memory built-in datasets (their
     images are tiny, inter-process traffic costs more than decoding), else a core per loader, one kept for the
     training process, at most 8 each."""
-    if dataset in ("digits", "fashion-mnist"):
+    if get_source(dataset).in_memory:
         return 0
     return max(1, min(8, (os.cpu_count() or 1) // _processes_here() - 1))
 
