@@ -1,6 +1,6 @@
 """Datasets and loaders behind one registry of sources: the embedded digits, Fashion-MNIST IDX files, ImageNet-style
 image folders, tar shards (webdataset layout) and Hugging Face datasets on disk."""
-from gcvimoe.data import shards  # noqa: F401  (registers its source)
+from gcvimoe.data import hfds, shards  # noqa: F401  (they register their sources)
 from gcvimoe.data.config import DataConfig
 from gcvimoe.data.digits import DigitsDataset
 from gcvimoe.data.factory import build_transform, create_dataset, resolve_data_config, train_image_count

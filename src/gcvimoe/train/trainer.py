@@ -229,7 +229,7 @@ def _output_dir(cfg: TrainConfig) -> Path:
     if cfg.output:
         return Path(cfg.output)
     stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
-    return Path("output") / "train" / f"{stamp}-{cfg.model}-{cfg.resolved_dataset}"
+    return Path("output") / "train" / f"{stamp}-{cfg.model}-{get_source(cfg.resolved_dataset).name}"
 
 
 def _write_summary(history: List[Dict[str, float]], path: Path) -> None:
