@@ -13,8 +13,10 @@ skip their given batches undecoded (reading bytes only) and continue: the same b
 in the checkpoint and no special case in the trainer. The order depends on the number of loader workers, so a
 resumed run keeps the run's ``--workers``.
 
-Training drops each worker's last partial batch and ends every process at the smallest process's batch count (as
-DDP needs); evaluation keeps every sample exactly once.
+Training gives every worker of every process the same number of batches in every epoch (DDP needs equal counts
+over processes, the trainer one count per epoch): the full batches of the fewest samples a worker can be dealt, the
+smallest shards; a worker's samples beyond them are left out of this epoch (others in another: the deal and the
+shuffle change). Evaluation keeps every sample exactly once.
 """
 import itertools
 import random
@@ -23,6 +25,7 @@ from dataclasses import dataclass
 from typing import Callable, Iterator, List, NamedTuple, Optional, Sequence, Tuple
 
 import numpy as np
+import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from torch.utils.data._utils.collate import default_collate
 
@@ -93,9 +96,11 @@ def worker_progress(counts: Sequence[int], start_batch: int) -> Tuple[List[int],
     """After ``start_batch`` batches taken from the workers in turn (a finished worker is skipped), how many each
     worker gave, and which worker gives the next."""
     given, worker = [0] * len(counts), 0
-    for _ in range(min(start_batch, sum(counts))):
-        while given[worker] >= counts[worker]:
+    for taken in range(min(start_batch, sum(counts)) + 1):
+        while given[worker] >= counts[worker] and taken < sum(counts):
             worker = (worker + 1) % len(counts)
+        if taken == start_batch:
+            return given, worker
         given[worker] += 1
         worker = (worker + 1) % len(counts)
     return given, worker
@@ -176,9 +181,11 @@ class ShardLoader:
 
     def __init__(self, stream: ShardStream, batch_size: int, is_training: bool, workers: int, rank: int,
                  world_size: int, seed: int, pin_memory: bool):
-        if is_training and len(stream.shards) < world_size:
-            raise GcvimoeError(f"{len(stream.shards)} training shards cannot feed {world_size} processes; write at "
-                               "least one shard per process (`gcvimoe convert shards --images-per-shard N`)")
+        slots = world_size * max(workers, 1)
+        if is_training and len(stream.shards) < slots:
+            raise GcvimoeError(f"{len(stream.shards)} training shards cannot feed {world_size} process(es) x "
+                               f"{max(workers, 1)} loader worker(s); lower --workers or write at least {slots} shards "
+                               "(`gcvimoe convert shards --images-per-shard N`)")
         self.dataset, self.batch_size, self.drop_last = stream, batch_size, is_training
         self.workers, self.rank, self.world_size, self.seed = workers, rank, world_size, seed
         self.pin_memory, self.epoch, self.start_batch = pin_memory, 0, 0
@@ -186,36 +193,45 @@ class ShardLoader:
     def set_epoch(self, epoch: int, seed: int, rank: int = 0, start_batch: int = 0) -> None:
         self.epoch, self.seed, self.start_batch = epoch, seed, start_batch
 
-    def _counts(self) -> List[List[int]]:
-        """``[rank][worker]`` batches of every slot this epoch."""
-        dealt = deal_shards(self.dataset.shards, self.seed, self.epoch, self.drop_last, self.world_size,
-                            max(self.workers, 1))
-        per_batch = (lambda n: n // self.batch_size) if self.drop_last else (lambda n: -(-n // self.batch_size))
-        return [[per_batch(sum(shard.length for shard in slot)) for slot in slots] for slots in dealt]
+    def _slots(self) -> List[List[Shard]]:
+        """This process's shards per worker this epoch."""
+        return deal_shards(self.dataset.shards, self.seed, self.epoch, self.drop_last, self.world_size,
+                           max(self.workers, 1))[self.rank]
+
+    def _counts(self) -> List[int]:
+        """Batches of each of this process's workers this epoch. Training: the same for every worker of every
+        process and every epoch, the full batches of the fewest samples any slot can be dealt (the smallest shards);
+        evaluation: all of the slot's samples."""
+        if not self.drop_last:
+            return [-(-sum(shard.length for shard in slot) // self.batch_size) for slot in self._slots()]
+        workers = max(self.workers, 1)
+        fewest = sorted(shard.length for shard in self.dataset.shards)[:len(self.dataset.shards) // (self.world_size
+                                                                                                       * workers)]
+        return [sum(fewest) // self.batch_size] * workers
 
     def batches_per_epoch(self) -> int:
-        counts = self._counts()
-        return min(map(sum, counts)) if self.drop_last else sum(counts[self.rank])
+        return sum(self._counts())
 
     def __len__(self) -> int:
         return max(self.batches_per_epoch() - self.start_batch, 0)
 
     def plan(self) -> List[WorkerTask]:
         """This process's worker tasks for the epoch from ``start_batch`` on, rotated so the next worker is first."""
-        workers = max(self.workers, 1)
-        dealt = deal_shards(self.dataset.shards, self.seed, self.epoch, self.drop_last, self.world_size, workers)
-        counts = self._counts()[self.rank]
+        workers, slots, counts = max(self.workers, 1), self._slots(), self._counts()
         given, first = worker_progress(counts, self.start_batch)
         tasks = []
         for position in range(workers):
             role = (first + position) % workers
             shuffle_seed = (self.seed * 1_000_003 + self.epoch * 1009 + self.rank * workers + role
                             if self.drop_last else None)
-            tasks.append(WorkerTask(dealt[self.rank][role], given[role], counts[role], self.batch_size, shuffle_seed,
+            tasks.append(WorkerTask(slots[role], given[role], counts[role], self.batch_size, shuffle_seed,
                                     self.seed, self.epoch))
         return tasks
 
     def __iter__(self):
         self.dataset.tasks = self.plan()
-        loader = DataLoader(self.dataset, batch_size=None, num_workers=self.workers, pin_memory=self.pin_memory)
+        # a generator of its own: the loader's base seed would otherwise be drawn from the caller's stream
+        generator = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch * 1009 + self.rank)
+        loader = DataLoader(self.dataset, batch_size=None, num_workers=self.workers, pin_memory=self.pin_memory,
+                            generator=generator)
         return itertools.islice(iter(loader), len(self))
