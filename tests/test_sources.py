@@ -295,3 +295,19 @@ def test_no_dataset_name_is_compared_outside_the_registry():
             offenders[str(path.relative_to(SRC))] = found
     assert offenders == {}
     assert _compared_names(ast.parse('d = "x" if dataset == "digits" else "y"'), names) == [(1, "digits")]
+
+
+def test_two_processes_by_two_workers_train_on_shards_under_torchrun(digits_shards, tmp_path, capsys):
+    """DDP over 2 gloo processes with 2 loader workers each: equal batch counts (no hang), and the shard split of
+    evaluation counts every val image once."""
+    from test_train import torchrun_train
+
+    args = ["--model-kwargs", "{embed_dim: 16}", "--num-experts", "4", "--img-size", "16", "--batch-size", "16",
+            "--epochs", "1", "--workers", "2", "--threads", "1", "--data-dir", str(digits_shards)]
+    stdout = torchrun_train(args, tmp_path / "ddp")
+    assert "2 process(es) on cpu, global batch 32" in stdout
+    checkpoint = torch.load(tmp_path / "ddp" / "last.pth", map_location="cpu", weights_only=True)
+    assert checkpoint["world_size"] == 2
+    capsys.readouterr()
+    assert main(["validate", "--checkpoint", str(tmp_path / "ddp" / "last.pth"), "--json", "--workers", "0"]) == 0
+    assert '"num_images": 360' in capsys.readouterr().out

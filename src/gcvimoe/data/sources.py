@@ -162,7 +162,8 @@ class FashionMNISTSource(DataSource):
     name, in_memory, grey_images = "fashion-mnist", True, True
 
     def claims(self, data_dir):
-        return any((Path(data_dir) / f"train-images-idx3-ubyte{gz}").is_file() for gz in ("", ".gz"))
+        return any((Path(data_dir) / f"{prefix}-images-idx3-ubyte{gz}").is_file()
+                   for prefix in ("train", "t10k") for gz in ("", ".gz"))
 
     def resolve(self, dataset, data_dir, img_size, in_chans, notes):
         return Native(list(FASHION_MNIST_CLASSES), 1, SMALL_DATASETS_SIZE, FASHION_MNIST_MEAN, FASHION_MNIST_STD,
