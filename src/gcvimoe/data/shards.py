@@ -123,7 +123,9 @@ class ShardSource(DataSource):
     name = "wds"
 
     def claims(self, data_dir):
-        return _is_pattern(data_dir) or (Path(data_dir) / INFO).is_file()
+        """A brace pattern, or a shard or a folder with ``_info.json`` (a lone ``.tar`` is a folder mistaken)."""
+        root = Path(data_dir).parent if data_dir.endswith(".tar") else Path(data_dir)
+        return "{" in data_dir or (root / INFO).is_file()
 
     def resolve(self, dataset, data_dir, img_size, in_chans, notes):
         if not data_dir:
