@@ -134,8 +134,14 @@ class ShardStream(IterableDataset):
     def __len__(self) -> int:
         return sum(shard.length for shard in self.shards)
 
+    @property
+    def targets(self) -> List[int]:
+        """Every sample's label, in file order (one pass over the shards, reading no image)."""
+        return [sample.label for sample in shard_samples(self.shards)]
+
     def __getitem__(self, index: int):
-        """One sample by position, read through the shards up to it: for an odd example image, not for training."""
+        """One sample by position, read through the shards up to it: for a few example images (``visualize``, an
+        evaluation's stand-in batch), not for training."""
         sample = next(itertools.islice(shard_samples(self.shards), index, None))
         return self._decode(sample), sample.label
 
