@@ -230,6 +230,7 @@ def test_a_missing_hfds_is_one_line_and_touches_no_network(tmp_path, capsys, mon
         raise AssertionError("a connection was attempted")
 
     monkeypatch.setattr(socket.socket, "connect", no_network)
+    monkeypatch.setattr(socket, "getaddrinfo", no_network)  # a name lookup comes before any connection
     code, err = run_cli(capsys, "train", "--dataset", f"hfds:{name}", "--output", str(tmp_path / "run"))
     assert_one_error_line(code, err, f"hfds:{name}", "nothing was downloaded")
 

@@ -5,7 +5,6 @@ The image column is the one with the ``Image`` feature, the label column the one
 the classes); the splits are ``train`` and the first of ``validation``, ``val``, ``test``. Images are decoded by
 :func:`gcvimoe.data.images.read_image` from their stored bytes, as a folder's files are.
 """
-import os
 from pathlib import Path
 from typing import Callable, Optional
 
@@ -22,9 +21,8 @@ INSTALL = "pip install 'gcvimoe[hf]'"
 
 
 def _datasets():
-    """The ``datasets`` package, offline: set before its import, and on its config should it be imported already."""
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+    """The ``datasets`` package, offline. Set on its own config, not in the environment: the Hugging Face Hub stays
+    online for the rest of the process (an ``hf-hub:`` initial checkpoint)."""
     try:
         import datasets
     except ImportError:
