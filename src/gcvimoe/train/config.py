@@ -26,6 +26,7 @@ from gcvimoe.moe import GCVIMOE, MoEConfig
 from gcvimoe.moe import config as moe_config
 from gcvimoe.train.preemption import parse_save_interval
 
+
 def _key(default, help: str, choices=None):
     metadata = {"help": help}
     if choices is not None:

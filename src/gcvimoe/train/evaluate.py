@@ -190,7 +190,8 @@ def _plain_data_config(model: nn.Module, path, dataset: Optional[str], data_dir:
         raise GcvimoeError(f"{path} records no preprocessing or class names (a plain state dict); name the data "
                            f"with --data-dir DIR or --dataset")
     pretrained = model.pretrained_cfg
-    data_cfg = resolve_data_config(dataset or default_dataset(data_dir), data_dir or "", img_size=pretrained["input_size"][-1],
+    data_cfg = resolve_data_config(dataset or default_dataset(data_dir), data_dir or "",
+                                   img_size=pretrained["input_size"][-1],
                                    in_chans=model.model_args.get("in_chans", pretrained["input_size"][0]),
                                    interpolation=pretrained["interpolation"],
                                    crop_pct=pretrained["crop_pct"])

@@ -14,8 +14,8 @@ the digits recipe; ``benchmarks/small_images.py`` reports what they reach on dat
   memorised sooner; larger inputs take stronger crops, since a crop of a large image keeps more of its content than
   a crop of a 28 px one.
 - ``drop_path_rate``: more stochastic depth for fewer images, for the same reason.
-- ``hflip``: 0.5 for mirror-symmetric data (folders, shards, Fashion-MNIST: objects, clothes, scenes), 0 for the digits;
-  a folder of text or digits needs ``--hflip 0``, which the data cannot tell.
+- ``hflip``: 0.5 for sources of mirror-symmetric data (folders, shards, Fashion-MNIST: objects, clothes, scenes), 0
+  for the digits; a folder of text or digits needs ``--hflip 0``, which the data cannot tell.
 """
 import math
 from typing import Any, Dict, List, Tuple
