@@ -130,6 +130,11 @@ def test_an_epoch_of_shards_started_at_a_batch_continues_the_same_batches_bitwis
         assert len(rest) == len(whole) - start and batches_per_epoch(loader) == len(whole)
         for (images, targets), (expected_images, expected_targets) in zip(rest, whole[start:], strict=True):
             assert torch.equal(targets, expected_targets) and torch.equal(images, expected_images)
+    torch.manual_seed(11)
+    expected_draws = [torch.rand(1) for _ in whole]
+    set_epoch(loader, 2, seed=3, rank=1)
+    torch.manual_seed(11)
+    assert [torch.rand(1) for _ in loader] == expected_draws  # the trainer's draws between batches are its own
     set_epoch(loader, 3, seed=3, rank=1)
     assert not torch.equal(next(iter(loader))[1], whole[0][1])  # another epoch, another order
 

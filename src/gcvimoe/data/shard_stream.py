@@ -156,8 +156,9 @@ class ShardStream(IterableDataset):
         samples = itertools.islice(samples, task.skip * task.batch_size, task.batches * task.batch_size)
         given = task.skip
         while chunk := list(itertools.islice(samples, task.batch_size)):
-            with caller_rng_kept():
-                yield default_collate([self._item(sample, task) for sample in chunk])
+            with caller_rng_kept():  # restored before the batch is handed over (without workers: to the trainer)
+                batch = default_collate([self._item(sample, task) for sample in chunk])
+            yield batch
             given += 1
         if given < task.batches:
             raise GcvimoeError(f"the shards {task.shards[0].path}, ... hold fewer samples than _info.json records; "
