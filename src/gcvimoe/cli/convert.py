@@ -1,16 +1,18 @@
 """`gcvimoe convert`: upcycle dense GC ViT weights into a GCViMoE, export a checkpoint as a model folder,
-safetensors or ONNX.
+safetensors or ONNX; write an image folder as tar shards.
 
     gcvimoe convert upcycle --model gcvimoe_tiny --checkpoint gcvit_tiny.pth --num-experts 8 --output moe.safetensors
     gcvimoe convert export --checkpoint output/digits/best.pth --output digits_model     # a folder timm loads
     gcvimoe convert export --checkpoint output/digits/best.pth --output digits.safetensors
     gcvimoe convert onnx --checkpoint output/digits/best.pth --output digits.onnx
+    gcvimoe convert shards data/flowers shards/flowers --images-per-shard 1000   # then --data-dir shards/flowers
 """
 import argparse
 import json
 
 import torch
 
+from gcvimoe.data.shards import write_shards
 from gcvimoe.errors import GcvimoeError
 from gcvimoe.models import (
     create_model_from_checkpoint, load_weights, model_from_checkpoint, read_checkpoint, save_model, upcycle)
@@ -44,6 +46,12 @@ def configure(parser: argparse.ArgumentParser) -> None:
     onnx.add_argument('--checkpoint', required=True)
     onnx.add_argument('--output', required=True)
     onnx.add_argument('--no-check', action='store_true', help='skip comparing onnxruntime with PyTorch')
+    shards = sub.add_parser('shards', help='write an image folder (train/ and val/ class folders) as webdataset tar '
+                                           'shards with _info.json (classes, shard sizes)')
+    shards.add_argument('folder', help='the image folder')
+    shards.add_argument('output', help='the folder to write the shards into (replaced)')
+    shards.add_argument('--images-per-shard', type=int, default=1000, metavar='N',
+                        help='images per shard (default: 1000); at least one shard per training process')
 
 
 def _placement(text):
@@ -73,7 +81,17 @@ def _onnx(args: argparse.Namespace) -> int:
     return 0
 
 
+def _shards(args: argparse.Namespace) -> int:
+    written = write_shards(args.folder, args.output, args.images_per_shard)
+    skipped = f"; {written['unreadable']} unreadable images left out" if written['unreadable'] else ""
+    print(f"wrote {written['train']} train and {written['val']} val images as shards of {args.images_per_shard} "
+          f"into {args.output}{skipped}")
+    return 0
+
+
 def run(args: argparse.Namespace) -> int:
+    if args.action == 'shards':
+        return _shards(args)
     if args.action == 'onnx':
         return _onnx(args)
     if args.action == 'export':

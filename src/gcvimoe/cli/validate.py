@@ -31,9 +31,11 @@ def configure(parser: argparse.ArgumentParser) -> None:
                         help="with --model local-dir:DIR or hf-hub:NAME: evaluate that model's own weights")
     data = parser.add_mutually_exclusive_group()
     data.add_argument("--data-dir", metavar="DIR",
-                      help="folder with a val/ class folder (or the Fashion-MNIST files); default: the training data")
-    data.add_argument("--dataset", choices=("digits", "fashion-mnist"),
-                      help="a built-in dataset; default: the training data")
+                      help="folder with a val/ class folder, tar shards (a folder or a pattern), or the Fashion-MNIST "
+                           "files; default: the training data")
+    data.add_argument("--dataset", metavar="NAME",
+                      help="a dataset read without --data-dir: digits, fashion-mnist or hfds:NAME; default: the "
+                           "training data")
     parser.add_argument("--split", default="val", choices=("train", "val"), help="which split to evaluate")
     parser.add_argument("--batch-size", type=int, metavar="N", help="default: the training run's eval batch size")
     parser.add_argument("--workers", type=int, metavar="N", help="data loading processes (default: the training run's)")

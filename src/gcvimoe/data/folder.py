@@ -3,22 +3,19 @@
 Every layout mistake a user can make (no folder, no classes, an empty class, val classes missing from train, an
 unreadable image) is reported as one :class:`~gcvimoe.errors.GcvimoeError` line naming the path and the fix.
 """
-import glob
 import logging
-import os
-import warnings
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterable, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
-from PIL import Image, UnidentifiedImageError
 from torch.utils.data import Dataset
 from torchvision.datasets.folder import IMG_EXTENSIONS
 from tqdm import tqdm
 
+from gcvimoe.data.images import (
+    ImageStats, UnreadableImage, list_images, measure_images, read_image, too_many_unreadable)
 from gcvimoe.errors import GcvimoeError
 
 LAYOUT = "expected DIR/train/<class>/<image> and DIR/val/<class>/<image>"
@@ -44,138 +41,6 @@ def find_classes(split_dir) -> List[str]:
     if not classes:
         raise GcvimoeError(f"{split_dir} holds no class folders; put each class's images in {split_dir}/<class>/")
     return classes
-
-
-def _is_image(path: Path) -> bool:
-    return path.suffix.lower() in tuple(ext.lower() for ext in IMG_EXTENSIONS) and path.is_file()
-
-
-def find_images(patterns: Sequence[str]) -> List[Path]:
-    """The image files that ``patterns`` name: files as given, folders searched recursively, globs expanded.
-
-    Files named explicitly are kept whatever their suffix (reading them decides); files found in folders or by a
-    glob are kept when their suffix is an image type. Order is as given, sorted within a folder or glob; a file
-    named twice appears once. A pattern that matches nothing, or no image at all, is a one-line error.
-    """
-    found: List[Path] = []
-    for pattern in patterns:
-        path = Path(pattern)
-        if path.is_file():
-            found.append(path)
-        elif path.is_dir():
-            images = sorted(p for p in path.rglob("*") if _is_image(p))
-            if not images:
-                raise GcvimoeError(f"folder {path} holds no image files ({', '.join(IMG_EXTENSIONS[:4])}, ...)")
-            found.extend(images)
-        elif glob.has_magic(pattern):
-            images = sorted(p for p in map(Path, glob.glob(pattern, recursive=True)) if _is_image(p))
-            if not images:
-                raise GcvimoeError(f"no image file matches {pattern!r}; check the pattern (quote it for the shell)")
-            found.extend(images)
-        else:
-            raise GcvimoeError(f"image {path} not found; pass existing image files, folders or glob patterns")
-    if not found:
-        raise GcvimoeError("no images given; pass image files, folders or glob patterns")
-    return list(dict.fromkeys(found))
-
-
-MAX_IMAGE_PIXELS = Image.MAX_IMAGE_PIXELS or 89_478_485
-"""Images with more pixels than this (PIL's own warning threshold, about 89 megapixels, 9459x9459) are refused as
-unreadable before they are decoded: a small file can declare a huge image (a decompression bomb)."""
-
-# the size check above refuses every image PIL would warn about, so its warning would only repeat the refusal
-warnings.filterwarnings("ignore", category=Image.DecompressionBombWarning)
-
-UNREADABLE_REASONS = {
-    1: "empty file",
-    2: "not an image",
-    3: f"more than {MAX_IMAGE_PIXELS / 1e6:.0f} megapixels",
-    4: "truncated",
-    5: "corrupt",
-    6: "cannot be opened",
-}
-"""Why an image is unreadable, by the code :class:`ImageFolder` records for it (0 = readable)."""
-
-_GREY_16BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I")
-
-
-class UnreadableImage(Exception):
-    """An image file that cannot be decoded; ``code`` is a key of :data:`UNREADABLE_REASONS`."""
-
-    def __init__(self, code: int, detail: str = ""):
-        super().__init__(UNREADABLE_REASONS[code] + (f": {detail}" if detail else ""))
-        self.code = code
-
-
-def _to_8bit(image: Image.Image) -> Image.Image:
-    """16-bit (and 32-bit integer) grey images scaled from 0..65535 to 0..255, float images from 0..1, clipped."""
-    if image.mode in _GREY_16BIT_MODES:
-        pixels = np.asarray(image, dtype=np.float64) / 257.0
-    elif image.mode == "F":
-        pixels = np.asarray(image, dtype=np.float64) * 255.0
-    else:
-        return image
-    return Image.fromarray(np.rint(np.clip(pixels, 0, 255)).astype(np.uint8), mode="L")
-
-
-def _decode(path, mode: str) -> Image.Image:
-    with Image.open(path) as image:
-        width, height = image.size
-        if width * height > MAX_IMAGE_PIXELS:
-            raise UnreadableImage(3, f"{width}x{height}")
-        image.load()
-        return _to_8bit(image).convert(mode)
-
-
-def read_image(path, mode: str) -> Image.Image:
-    """Decode an image into ``mode`` ('L' or 'RGB'), raising :class:`UnreadableImage` when it cannot be.
-
-    16-bit images are scaled into the 8-bit range (``round(v / 257)``), not clipped; float images are taken as
-    [0, 1], clipped, and scaled to 0..255. Images above :data:`MAX_IMAGE_PIXELS` are refused before decoding.
-    """
-    try:
-        return _decode(path, mode)
-    except UnreadableImage:
-        raise
-    except Image.DecompressionBombError:
-        raise UnreadableImage(3) from None
-    except UnidentifiedImageError:
-        raise UnreadableImage(1 if _is_empty(path) else 2) from None
-    except OSError as e:
-        if "truncated" in str(e).lower():
-            raise UnreadableImage(4) from None
-        if e.errno is not None:
-            raise UnreadableImage(6, e.strerror or "") from None
-        raise UnreadableImage(5, _first_line(e)) from None
-    except Exception as e:  # a damaged file makes PIL's decoders raise many types (SyntaxError, struct.error, ...)
-        raise UnreadableImage(5, _first_line(e)) from None
-
-
-def _is_empty(path) -> bool:
-    try:
-        return os.path.getsize(path) == 0
-    except OSError:
-        return False
-
-
-def _first_line(e: BaseException) -> str:
-    return str(e).strip().splitlines()[0][:120] if str(e).strip() else type(e).__name__
-
-
-def load_image(path, mode: str) -> Image.Image:
-    """Open an image and convert it to ``mode`` ('L' or 'RGB') as :func:`read_image` does; an unreadable file is a
-    one-line error."""
-    try:
-        return read_image(path, mode)
-    except UnreadableImage as e:
-        raise GcvimoeError(f"cannot read image {path} ({e}); replace or delete the file") from None
-
-
-def too_many_unreadable(what: str, count: int, total: int, max_fraction: float, listed_in: str) -> GcvimoeError:
-    """The error that stops a run when more than ``max_fraction`` of ``total`` images are unreadable."""
-    return GcvimoeError(
-        f"{count} of {total} {what} images ({100 * count / total:.1f} %) are unreadable, more than --max-bad-fraction "
-        f"{max_fraction:g}; fix or delete them (listed in {listed_in}) or raise --max-bad-fraction")
 
 
 _logger = logging.getLogger("gcvimoe.data")
@@ -225,7 +90,7 @@ class ImageFolder(Dataset):
         class_to_idx = {name: i for i, name in enumerate(self.classes)}
         self.samples = []
         for name in found:
-            files = sorted(p for p in (split_dir / name).rglob("*") if _is_image(p))
+            files = list_images(split_dir / name)
             if not files:
                 raise GcvimoeError(
                     f"class folder {split_dir / name} holds no images ({', '.join(IMG_EXTENSIONS[:4])}, ...); "
@@ -297,53 +162,27 @@ class ImageFolder(Dataset):
 
 def count_images(root, split: str = "train") -> int:
     """Image files under ``root/split`` (by suffix, as :class:`ImageFolder` finds them; unreadable ones included)."""
-    suffixes = tuple(ext.lower() for ext in IMG_EXTENSIONS)
-    split_dir = check_split_dir(root, split)
-    return sum(name.lower().endswith(suffixes) for _, _, names in os.walk(split_dir) for name in names)
+    return len(list_images(check_split_dir(root, split)))
 
 
-@dataclass
-class FolderStats:
-    """What a sample of a folder's training images says about the data (see :func:`measure_folder`).
-
-    Attributes:
-        sampled: Images read (unreadable ones are left out).
-        grey: Every sampled image has one channel, or three equal ones.
-        median_side: The median of the sampled images' shorter sides, in pixels.
-        mean, std: Per-channel pixel statistics in [0, 1] (RGB; equal channels for grey data).
-    """
-    sampled: int
-    grey: bool
-    median_side: int
-    mean: Tuple[float, ...]
-    std: Tuple[float, ...]
-
-
-def measure_folder(root, sample: int = 256, seed: int = 0) -> FolderStats:
+def measure_folder(root, sample: int = 256, seed: int = 0) -> ImageStats:
     """Measure channels, size and pixel statistics on ``sample`` training images picked evenly at random.
 
     A few hundred images pin the mean and std to about a hundredth of the pixel range, which is what normalisation
     needs; reading them all would cost a pass over the data before the first step.
     """
     split_dir = check_split_dir(root, "train")
-    files = sorted(p for p in split_dir.rglob("*") if _is_image(p))
+    files = list_images(split_dir)
     if not files:
         raise GcvimoeError(f"{split_dir} holds no images; {LAYOUT}")
     rng = np.random.default_rng(seed)
     picked = [files[i] for i in sorted(rng.choice(len(files), min(sample, len(files)), replace=False))]
-    sums, squares, pixels, sides, grey = np.zeros(3), np.zeros(3), 0, [], True
-    for path in picked:
+    return measure_images(_readable(picked), f"{len(picked)} of {split_dir}")
+
+
+def _readable(paths: Sequence[Path]):
+    for path in paths:
         try:
-            image = read_image(path, "RGB")
+            yield read_image(path, "RGB")
         except UnreadableImage:
             continue
-        values = np.asarray(image, dtype=np.float64).reshape(-1, 3) / 255.0
-        grey = grey and bool(np.all(values[:, 0] == values[:, 1]) and np.all(values[:, 1] == values[:, 2]))
-        sums, squares, pixels = sums + values.sum(0), squares + (values ** 2).sum(0), pixels + len(values)
-        sides.append(min(image.size))
-    if not sides:
-        raise GcvimoeError(f"none of {len(picked)} sampled images of {split_dir} is readable; check the files")
-    mean = sums / pixels
-    std = np.sqrt(np.maximum(squares / pixels - mean ** 2, 1e-12))
-    return FolderStats(len(sides), grey, int(np.median(sides)), tuple(float(m) for m in mean),
-                       tuple(float(s) for s in std))

@@ -26,7 +26,7 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from gcvimoe.data import (
-    DataConfig, build_transform, create_dataset, create_loader, resolve_data_config, train_image_count)
+    DataConfig, build_transform, create_dataset, create_loader, get_source, resolve_data_config, train_image_count)
 from gcvimoe.errors import GcvimoeError, did_you_mean
 from gcvimoe.models import Checkpoint, build_model, experts_per_layer, load_initial_weights, read_checkpoint
 from gcvimoe.moe import moe_layers
@@ -122,7 +122,7 @@ def default_workers(dataset: str) -> int:
     """Loader processes when the config leaves it to the machine: none for the in-memory built-in datasets (their
     images are tiny, inter-process traffic costs more than decoding), else a core per loader, one kept for the
     training process, at most 8 each."""
-    if dataset in ("digits", "fashion-mnist"):
+    if get_source(dataset).in_memory:
         return 0
     return max(1, min(8, (os.cpu_count() or 1) // _processes_here() - 1))
 
@@ -236,7 +236,7 @@ def _output_dir(cfg: TrainConfig) -> Path:
     if cfg.output:
         return Path(cfg.output)
     stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
-    return Path("output") / "train" / f"{stamp}-{cfg.model}-{cfg.resolved_dataset}"
+    return Path("output") / "train" / f"{stamp}-{cfg.model}-{get_source(cfg.resolved_dataset).name}"
 
 
 def wrap(run: Run) -> None:

@@ -19,13 +19,12 @@ from typing import Any, Dict, List, Mapping, Optional
 
 import yaml
 
+from gcvimoe.data.sources import default_dataset
 from gcvimoe.errors import GcvimoeError, did_you_mean
 from gcvimoe.files import write_text
 from gcvimoe.moe import GCVIMOE, MoEConfig
 from gcvimoe.moe import config as moe_config
 from gcvimoe.train.durations import parse_duration, parse_save_interval
-
-DATASETS = ("digits", "fashion-mnist", "folder")
 
 
 def _key(default, help: str, choices=None):
@@ -59,9 +58,10 @@ class TrainConfig:
                                        "local-dir:DIR or hf-hub:NAME; dense weights into a MoE model are upcycled")
     noise_std: float = _key(0.0, "noise added to each expert copy when upcycling dense initial weights")
     # data
-    dataset: str = _key("", "digits, fashion-mnist or folder ('' = folder when data_dir is set, else digits)",
-                        choices=("",) + DATASETS)
-    data_dir: str = _key("", "ImageNet-style folder with train/ and val/ class folders, or the Fashion-MNIST files")
+    dataset: str = _key("", "digits, fashion-mnist, folder, wds (tar shards) or hfds:NAME (a saved Hugging Face "
+                            "dataset) ('' = from data_dir: shards or a folder; digits without one)")
+    data_dir: str = _key("", "ImageNet-style folder with train/ and val/ class folders, tar shards (a folder or "
+                             "'DIR/train-{000000..000127}.tar'), or the Fashion-MNIST files")
     img_size: Optional[int] = _key(None, "input image size in pixels (null = from the data: a folder's median image "
                                          "side rounded up to a multiple of 32, at most 224; 32 for digits and "
                                          "Fashion-MNIST)")
@@ -163,10 +163,8 @@ class TrainConfig:
 
     @property
     def resolved_dataset(self) -> str:
-        """The dataset name with the default applied: a data folder when ``data_dir`` is given, else digits."""
-        if self.dataset:
-            return self.dataset
-        return "folder" if self.data_dir else "digits"
+        """The dataset name with the default applied: what ``data_dir`` holds (shards, a folder), else digits."""
+        return self.dataset or default_dataset(self.data_dir)
 
 
 FIELDS = {f.name: f for f in dataclasses.fields(TrainConfig)}

@@ -7,7 +7,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from gcvimoe.data import DataConfig, build_transform, create_dataset, create_loader, resolve_data_config
+from gcvimoe.data import (
+    DataConfig, build_transform, create_dataset, create_loader, dataset_for_dir, default_dataset, get_source,
+    resolve_data_config)
 from gcvimoe.errors import GcvimoeError
 from gcvimoe.models import Checkpoint, model_from_checkpoint, read_checkpoint
 from gcvimoe.moe import MoEReport, collect_moe_report, moe_layers
@@ -168,8 +170,9 @@ def eval_data_config(trained: DataConfig, dataset: Optional[str], data_dir: Opti
     if dataset is None and data_dir is None:
         return trained
     if dataset is None:
-        dataset = "fashion-mnist" if trained.dataset == "fashion-mnist" else "folder"
-    if dataset != "folder" and resolve_data_config(dataset, data_dir or "").class_names != trained.class_names:
+        dataset = dataset_for_dir(trained.dataset, data_dir)
+    if get_source(dataset).fixed_classes and \
+            resolve_data_config(dataset, data_dir or "").class_names != trained.class_names:
         raise GcvimoeError(f"the checkpoint was trained on other classes than {dataset}'s; evaluate it on its own data")
     return dataclasses.replace(trained, dataset=dataset, data_dir=data_dir or "")
 
@@ -189,7 +192,8 @@ def _plain_data_config(model: nn.Module, path, dataset: Optional[str], data_dir:
         raise GcvimoeError(f"{path} records no preprocessing or class names (a plain state dict); name the data "
                            f"with --data-dir DIR or --dataset")
     pretrained = model.pretrained_cfg
-    data_cfg = resolve_data_config(dataset or "folder", data_dir or "", img_size=pretrained["input_size"][-1],
+    data_cfg = resolve_data_config(dataset or default_dataset(data_dir), data_dir or "",
+                                   img_size=pretrained["input_size"][-1],
                                    in_chans=model.model_args.get("in_chans", pretrained["input_size"][0]),
                                    interpolation=pretrained["interpolation"],
                                    crop_pct=pretrained["crop_pct"])

@@ -14,11 +14,13 @@ the digits recipe; ``benchmarks/small_images.py`` reports what they reach on dat
   memorised sooner; larger inputs take stronger crops, since a crop of a large image keeps more of its content than
   a crop of a 28 px one.
 - ``drop_path_rate``: more stochastic depth for fewer images, for the same reason.
-- ``hflip``: 0.5 for folders and Fashion-MNIST (objects, clothes and scenes are mirror-symmetric), 0 for the digits;
-  a folder of text or digits needs ``--hflip 0``, which the data cannot tell.
+- ``hflip``: 0.5 for sources of mirror-symmetric data (folders, shards, Fashion-MNIST: objects, clothes, scenes), 0
+  for the digits; a folder of text or digits needs ``--hflip 0``, which the data cannot tell.
 """
 import math
 from typing import Any, Dict, List, Tuple
+
+from gcvimoe.data import get_source
 
 SMALL_IMAGE_MAX = 64
 """Inputs up to this size (px) count as small images (the crop range below)."""
@@ -55,7 +57,7 @@ def derive_recipe(values: Dict[str, Any], dataset: str, num_images: int, img_siz
 
     Args:
         values: The config's keys and values; only null keys are decided.
-        dataset: 'digits', 'fashion-mnist' or 'folder'.
+        dataset: The data source's name (its ``mirror_symmetric`` decides the flip).
         num_images: Training images.
         img_size: The model's input size in pixels.
         global_batch: Images per optimiser update over all processes.
@@ -81,8 +83,9 @@ def derive_recipe(values: Dict[str, Any], dataset: str, num_images: int, img_siz
         notes.append(f"drop_path_rate {chosen['drop_path_rate']:g} (from the data: {num_images} training images; "
                      "fewer images, more stochastic depth)")
     if values.get("hflip") is None:
-        chosen["hflip"] = 0.0 if dataset == "digits" else 0.5
-        why = "digits are not mirror-symmetric" if dataset == "digits" else \
-            f"{dataset} data: mirror-symmetric objects assumed; set 0 for text and digits"
+        mirror_symmetric = get_source(dataset).mirror_symmetric
+        chosen["hflip"] = 0.5 if mirror_symmetric else 0.0
+        why = f"{dataset} data: mirror-symmetric objects assumed; set 0 for text and digits" if mirror_symmetric \
+            else f"{dataset} are not mirror-symmetric"
         notes.append(f"hflip {chosen['hflip']:g} ({why})")
     return chosen, notes
