@@ -202,3 +202,24 @@ def test_model_on_the_gpu_path_compiles_fullgraph_and_equals_eager(gpu_path, tra
     torch.testing.assert_close(compiled_out, eager_out, rtol=0, atol=0)
     for got, expected in zip(compiled_grads, eager_grads):
         torch.testing.assert_close(got, expected, rtol=0, atol=0)
+
+
+def test_regional_compilation_compiles_each_block_and_equals_eager():
+    """`--compile regional`: every block is its own graph (blocks of one shape share it), the model equals eager."""
+    from gcvimoe.train import build_config
+    from gcvimoe.train.config import parse_cli_value
+    torch.manual_seed(0)
+    model = gcvimoe.create_model("gcvimoe_nano", num_classes=10, expert_dropout=0.0)
+    x = torch.randn(2, model.in_chans, *model.img_size)
+    with kernels.enabled_only(False):
+        eager = model(x)
+        torch._dynamo.reset()
+        model.compile_blocks(backend="aot_eager")
+        compiled = model(x)
+    torch.testing.assert_close(compiled, eager, rtol=1e-5, atol=1e-5)
+    blocks = [block for stage in model.stages for block in stage.blocks]
+    assert all(block._compiled_call_impl is not None for block in blocks)
+    assert build_config(None, {"compile": parse_cli_value("compile", "regional")}).compile == "regional"
+    assert build_config(None, {"compile": parse_cli_value("compile", "true")}).compile is True
+    with pytest.raises(gcvimoe.errors.GcvimoeError, match="config key 'compile' must be one of"):
+        build_config(None, {"compile": "partial"})

@@ -60,11 +60,11 @@ needs_grouped_gemm = pytest.mark.skipif(torch.cuda.is_available() and torch.cuda
 @needs_grouped_gemm
 @pytest.mark.parametrize("capacity_factor", [0., 0.75])
 def test_moe_layer_bf16_autocast_uses_grouped_gemm(monkeypatch, capacity_factor):
-    """bf16 autocast runs the experts as grouped GEMMs; output and gradients stay within bf16 error of fp32, also
-    with a tail of dropped rows (capacity 0.75), which the grouped GEMM computes through the last expert."""
+    """bf16 autocast runs the experts as grouped GEMMs (the sorted plan); output and gradients stay within bf16 error
+    of fp32, also with dropped assignments (capacity 0.75), which the grouped GEMM computes with gate 0."""
     calls = []
-    grouped_forward = experts_module.Experts._grouped_mm_forward
-    monkeypatch.setattr(experts_module.Experts, '_grouped_mm_forward',
+    grouped_forward = experts_module.Experts.forward_sorted
+    monkeypatch.setattr(experts_module.Experts, 'forward_sorted',
                         lambda *a: calls.append(1) or grouped_forward(*a))
     layer = MoE(256, 512, num_experts=8, top_k=2, capacity_factor=capacity_factor).cuda()
     x = torch.randn(4096, 256, device='cuda', requires_grad=True)

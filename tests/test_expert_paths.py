@@ -128,3 +128,30 @@ def test_a_new_backend_registers_in_a_few_lines(pinned):
         assert calls == [torch.Size([3, 8])]
     finally:
         del EXPERT_BACKENDS['toy']
+
+
+def test_half_precision_router_takes_no_fp32_copy_of_the_tokens():
+    """On a GPU (here: shapes only, on ``meta``) bf16 tokens meet the router in one GEMM with an fp32 result, and
+    their gradient comes back in bf16: no fp32 ``[t, d]`` tensor is made, forward or backward."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from gcvimoe.moe.router import LinearRouter
+
+    class Outputs(TorchDispatchMode):
+        made = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            for value in (out if isinstance(out, (tuple, list)) else (out,)):
+                if isinstance(value, torch.Tensor):
+                    self.made.append((func.overloadpacket.__name__, value.dtype, tuple(value.shape)))
+            return out
+
+    router = LinearRouter(64, 8, device='meta')
+    x = torch.empty(256, 64, device='meta', dtype=torch.bfloat16, requires_grad=True)
+    with Outputs():
+        logits = router(x)
+        logits.sum().backward()
+    assert logits.dtype == torch.float32 and x.grad.dtype == torch.bfloat16
+    assert router.weight.grad.dtype == torch.float32
+    assert not [made for made in Outputs.made if made[1:] == (torch.float32, (256, 64))], Outputs.made

@@ -70,7 +70,7 @@ def _onnx(args: argparse.Namespace) -> int:
     layers = dict(moe_layers(model))
     if layers and any(layer.config.eval_capacity_factor > 0 for layer in layers.values()):
         print(f"note: {args.checkpoint} evaluates with capacity (eval_capacity_factor "
-              f"{next(iter(layers.values())).eval_capacity_factor}); the ONNX export is dropless: every token gets "
+              f"{next(iter(layers.values())).config.eval_capacity_factor}); the ONNX export is dropless: every token gets "
               f"its experts")
     path = export_onnx(model, args.output)
     what = f"{len(layers)} MoE layers, dropless" if layers else "dense"

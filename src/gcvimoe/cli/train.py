@@ -12,6 +12,7 @@ Examples::
 import argparse
 import dataclasses
 import sys
+import typing
 from pathlib import Path
 
 from gcvimoe.cli._common import PlotCallback, add_moe_options, metavar, moe_options
@@ -56,7 +57,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
             group = parser.add_argument_group(f"config keys: {heading}")
         if name == "moe":
             continue
-        is_bool = FIELD_TYPES[name] is bool
+        is_bool = bool in (FIELD_TYPES[name], *typing.get_args(FIELD_TYPES[name]))  # a switch, maybe with modes
         default = defaults[name]
         aliases = ["--pretrained-path"] if name == "initial_checkpoint" else []  # timm train.py's other name
         group.add_argument(

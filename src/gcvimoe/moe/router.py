@@ -8,6 +8,7 @@ dispatcher (:mod:`gcvimoe.moe.dispatch`), so the routing rule and the capacity r
 - :func:`expert_choice_routing`: every expert picks its ``c`` best tokens (Zhou et al. 2022), balanced by construction.
 """
 import contextlib
+import functools
 import math
 from dataclasses import dataclass, field
 from typing import Callable, Dict, Optional
@@ -99,8 +100,20 @@ class _HalfInputLogits(torch.autograd.Function):
 
 
 def _half_input_gemm(x: Tensor) -> bool:
-    """Whether torch has the fp32-result GEMM for these tokens (CUDA and shape-only runs)."""
-    return x.dtype in (torch.float16, torch.bfloat16) and x.device.type in ('cuda', 'meta') and x.dim() == 2
+    """Whether torch has the fp32-result GEMM for these tokens (CUDA, where this build runs it, and shape-only runs)."""
+    if x.dtype not in (torch.float16, torch.bfloat16) or x.dim() != 2:
+        return False
+    return x.device.type == 'meta' or (x.device.type == 'cuda' and _fp32_result_gemm_runs(x.device, x.dtype))
+
+
+@functools.lru_cache(maxsize=None)
+def _fp32_result_gemm_runs(device: torch.device, dtype: torch.dtype) -> bool:
+    """``mm(out_dtype=float32)`` of half-precision inputs exists on this device (asked once; else the fp32 copy)."""
+    try:
+        probe = torch.ones(8, 8, device=device, dtype=dtype)
+        return torch.mm(probe, probe, out_dtype=torch.float32).dtype == torch.float32
+    except (RuntimeError, TypeError, NotImplementedError):
+        return False
 
 
 class LinearRouter(nn.Module):

@@ -243,7 +243,10 @@ def wrap(run: Run) -> None:
     """DDP around the model (several processes), then torch.compile when asked for."""
     run.train_model = wrap_model(run.model, run.info)
     run.ddp = run.train_model if isinstance(run.train_model, DistributedDataParallel) else None
-    if run.cfg.compile:
+    if run.cfg.compile == "regional":
+        check_compile_supported(run.info.device)
+        run.model.compile_blocks()  # in place: DDP wraps the same modules
+    elif run.cfg.compile:
         check_compile_supported(run.info.device)
         run.train_model = torch.compile(run.train_model)
 

@@ -15,7 +15,7 @@ import math
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, List, Mapping, Optional
+from typing import Any, Dict, List, Mapping, Optional, Union
 
 import yaml
 
@@ -124,7 +124,9 @@ class TrainConfig:
     amp_dtype: str = _key("bfloat16", "mixed precision type (float16 uses a GradScaler)",
                           choices=("bfloat16", "float16"))
     channels_last: bool = _key(False, "channels-last memory layout")
-    compile: bool = _key(False, "torch.compile the model")
+    compile: Union[bool, str] = _key(False, "torch.compile the model: true (one graph), or regional (each block its "
+                                            "own graph: a fraction of the compile time, for big models)",
+                                     choices=(False, True, "regional"))
     expert_parallel: bool = _key(False, "with several processes, shard every MoE layer's experts over them (expert "
                                         "parallelism: num_experts / processes experts each, all-to-all)")
     dist_timeout: str = _key("10m", "with several processes, how long one may wait for the others (in a collective, "
@@ -177,6 +179,8 @@ _PLURALS = {int: "integers", float: "numbers", str: "strings", bool: "booleans"}
 def _type_name(tp) -> str:
     if typing.get_origin(tp) is typing.Union:
         args = [a for a in typing.get_args(tp) if a is not type(None)]
+        if type(None) not in typing.get_args(tp):
+            return " or ".join(_type_name(a) for a in args)
         return f"{_type_name(args[0])} or null"
     origin = typing.get_origin(tp)
     if origin in (list, List):
@@ -230,16 +234,21 @@ def _coerce_value(name: str, value: Any, tp):
 def _coerce(name: str, value: Any, tp=None):
     """Check ``value`` against the type of key ``name`` and return it in that type, or raise a one-line error."""
     tp = tp or _field_type(name)
+    coerced = _NOT_A_MATCH
     if typing.get_origin(tp) is typing.Union:
         if value is None:
             return None
-        tp = next(a for a in typing.get_args(tp) if a is not type(None))
-    coerced = _coerce_value(name, value, tp)
+        for option in (a for a in typing.get_args(tp) if a is not type(None)):  # the first type that takes it
+            coerced = _coerce_value(name, value, option)
+            if coerced is not _NOT_A_MATCH:
+                break
+    else:
+        coerced = _coerce_value(name, value, tp)
     if coerced is _NOT_A_MATCH:
         raise GcvimoeError(f"config key '{name}' must be {_type_name(_field_type(name))}, got {value!r}")
     choices = (moe_config.FIELDS.get(name) or FIELDS[name]).metadata.get("choices")
     if choices is not None and coerced not in choices:
-        shown = ", ".join(repr(c) if c == "" else c for c in choices)
+        shown = ", ".join(repr(c) if c == "" else str(c).lower() if isinstance(c, bool) else c for c in choices)
         raise GcvimoeError(f"config key '{name}' must be one of {shown}, got {coerced!r}")
     return coerced
 
@@ -342,7 +351,18 @@ def parse_cli_value(name: str, text: str) -> Any:
     if typing.get_origin(tp) is typing.Union:
         if text.lower() in ("null", "none", "~"):
             return None
-        tp = next(a for a in typing.get_args(tp) if a is not type(None))
+        options = [a for a in typing.get_args(tp) if a is not type(None)]
+        if options[:2] == [bool, str]:  # a switch with named modes (compile: true or regional)
+            return parse_cli_value_as(name, text, bool) if text.lower() in _BOOL_WORDS else text
+        tp = options[0]
+    return parse_cli_value_as(name, text, tp)
+
+
+_BOOL_WORDS = ("true", "yes", "on", "1", "false", "no", "off", "0")
+
+
+def parse_cli_value_as(name: str, text: str, tp) -> Any:
+    """``text`` as a value of type ``tp`` for key ``name``."""
     try:
         if tp is bool:
             lowered = text.lower()
