@@ -3,6 +3,7 @@
     python benchmarks/moe_cost.py                    # D 384, H 768, E 8, k 1, T 8192, capacity 1.25, GPU expert path
     python benchmarks/moe_cost.py --top-k 2 --tokens 4096 --no-write
     python benchmarks/moe_cost.py --no-compile       # skip the inductor kernel count (a minute of compiling)
+    python benchmarks/moe_cost.py --meta --tokens 262144   # the GPU benchmark's size in bf16, shapes only (no values)
 
 The MoE layer runs its GPU expert path (``grouped_mm``, pinned with ``gcvimoe.moe.set_expert_path``) eagerly in fp32;
 the dense side is timm's ``Mlp`` of the same widths. A train step is the forward, a loss ``(y * g).sum()`` (plus the
@@ -93,12 +94,15 @@ def compiled_kernels(layer, x, grad, train: bool) -> int:
 
 
 def build(args):
+    """The dense Mlp, the MoE layer, tokens and an upstream gradient; with ``args.meta``, in bf16 on the ``meta``
+    device (shapes without values: the GPU's op sequence and bytes at any size, in no time)."""
     torch.manual_seed(0)
-    dense = Mlp(args.dim, args.hidden)
+    device, dtype = ('meta', torch.bfloat16) if getattr(args, 'meta', False) else ('cpu', torch.float32)
+    dense = Mlp(args.dim, args.hidden).to(device, dtype)
     moe = MoE(args.dim, args.hidden, num_experts=args.experts, top_k=args.top_k, capacity_factor=args.capacity,
-              eval_capacity_factor=args.capacity)
-    x = torch.randn(args.tokens, args.dim)
-    grad = torch.randn(args.tokens, args.dim)
+              eval_capacity_factor=args.capacity).to(device, dtype)
+    x = torch.randn(args.tokens, args.dim).to(device, dtype)
+    grad = torch.randn(args.tokens, args.dim).to(device, dtype)
     return dense, moe, x, grad
 
 
@@ -114,7 +118,7 @@ def table(args) -> str:
         counts = {}
         for name, layer in (('dense Mlp', dense), ('MoE', moe)):
             forward, backward, flops = count_step(layer, x, grad, train)
-            kernels = compiled_kernels(layer, x, grad, train) if args.compile else None
+            kernels = compiled_kernels(layer, x, grad, train) if args.compile and not args.meta else None
             counts[name] = (forward, backward, flops, kernels)
         mode = 'train' if train else 'inference'
         dense_bytes = sum(c.bytes for c in counts['dense Mlp'][:2] if c is not None)
@@ -130,10 +134,11 @@ def table(args) -> str:
                         top = ', '.join(f"{op} {n}x {_mb(b)}" for op, n, b in counter.top(10))
                         tops.append(f"- {mode} {phase}: {top}")
     set_expert_path(None)
+    where = "bf16, shapes only on the meta device" if args.meta else "fp32 on the CPU"
     header = (f"D {args.dim}, H {args.hidden}, E {args.experts}, k {args.top_k}, T {args.tokens}, capacity "
-              f"{args.capacity}, fp32, expert path `grouped_mm` (the GPU's op sequence); {machine()}")
+              f"{args.capacity}, {where}, expert path `grouped_mm` (the GPU's op sequence); {machine()}")
     return '\n'.join([
-        "## One MoE layer step, counted (`benchmarks/moe_cost.py`)", "", header, "",
+        f"## One MoE layer step, counted (`benchmarks/moe_cost.py{' --meta' if args.meta else ''}`)", "", header, "",
         "| step | layer | ops forward | ops backward | views | MB moved | bytes vs dense | GEMM GFLOP | host syncs "
         "| compiled kernels |",
         "|---|---|---|---|---|---|---|---|---|---|", *rows, "",
@@ -148,13 +153,14 @@ def main():
     parser.add_argument('--top-k', type=int, default=1)
     parser.add_argument('--tokens', type=int, default=8192)
     parser.add_argument('--capacity', type=float, default=1.25)
+    parser.add_argument('--meta', action='store_true', help="count in bf16 on the meta device (no compiled column)")
     parser.add_argument('--no-compile', dest='compile', action='store_false')
     parser.add_argument('--no-write', dest='write', action='store_false')
     args = parser.parse_args()
     body = table(args)
     print(body)
     if args.write:
-        write_section('moe_cost', body)
+        write_section('moe_cost' + ('_meta' if args.meta else ''), body)
 
 
 if __name__ == '__main__':

@@ -156,7 +156,7 @@ def test_every_moe_option_reaches_the_model(tmp_path):
     assert list(layers) == ["stages.2.blocks.5.mlp", "stages.3.blocks.1.mlp"]
     for layer in layers.values():
         assert layer.config.to_dict() == {**NON_DEFAULT_MOE, "moe_blocks": "last 2 odd blocks"}
-        assert layer.shared_expert is not None and layer.router_type == "cosine"
+        assert layer.shared_expert is not None and layer.config.router == "cosine"
     assert model.moe_config == cfg.moe
 
 
