@@ -259,3 +259,46 @@ def test_resume_auto_restarts_a_run_killed_before_its_first_checkpoint(data_dir,
     code, err = run_cli(capsys, *argv)
     assert_one_error_line(code, err, "holds a previous run")
     assert {p: p.read_bytes() for p in output.rglob("*") if p.is_file()} == before
+
+
+def test_predict_with_only_unreadable_files_fails_with_one_line(run_dir, tmp_path, capsys):
+    (tmp_path / "notes.txt").write_text("not an image")
+    (tmp_path / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n not an image")
+    code, err = run_cli(capsys, "predict", "--checkpoint", str(run_dir / "model"), str(tmp_path / "broken.png"))
+    assert_one_error_line(code, err, "no image could be read")
+    assert "broken.png" in err  # named among the skipped
+
+
+def test_visualize_into_an_existing_file_is_one_line(run_dir, tmp_path, capsys):
+    taken = tmp_path / "viz"
+    taken.write_text("a file")
+    code, err = run_cli(capsys, "visualize", "--checkpoint", str(run_dir / "model"), "--output", str(taken))
+    assert_one_error_line(code, err, "is a file", "give a folder")
+    assert taken.read_text() == "a file"
+
+
+def test_written_files_are_readable_by_others(run_dir):
+    """Files are written through a temporary name; they end with the mode ``open()`` gives (0644 under umask 022),
+    not a temporary file's 0600, so a shared model folder can be read by the people it is shared with."""
+    import os
+    umask = os.umask(0o022)
+    os.umask(umask)
+    for path in [run_dir / "model" / "model.safetensors", run_dir / "last.pth", run_dir / "config.yaml"]:
+        assert path.stat().st_mode & 0o777 == 0o666 & ~umask, path
+
+
+def test_images_are_read_upright_by_their_exif_orientation(tmp_path):
+    """A JPEG stored sideways with EXIF Orientation 6 (as phones write portraits) is read as every viewer shows it."""
+    from PIL import Image
+
+    from gcvimoe.data.images import read_image
+    upright = Image.new("RGB", (20, 40), (0, 0, 0))
+    upright.paste((255, 255, 255), (0, 0, 20, 10))  # a white band at the top
+    stored = upright.transpose(Image.Transpose.ROTATE_90)  # 40 x 20, as the sensor wrote it
+    exif = Image.Exif()
+    exif[0x0112] = 6  # Orientation: rotate 90 degrees clockwise to display
+    stored.save(tmp_path / "portrait.jpg", exif=exif, quality=95)
+    read = read_image(tmp_path / "portrait.jpg", "RGB")
+    assert read.size == (20, 40)
+    pixels = torch.tensor(list(read.convert("L").getdata()), dtype=torch.float32).view(40, 20)
+    assert pixels[:8].mean() > 200 and pixels[12:].mean() < 50

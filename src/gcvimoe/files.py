@@ -6,6 +6,7 @@ the new one, never a mix. A failed write removes its temporary file and raises o
 """
 import csv
 import errno
+import functools
 import json
 import os
 import shutil
@@ -39,9 +40,26 @@ def atomic_path(path: PathLike) -> Iterator[Path]:
         path.parent.mkdir(parents=True, exist_ok=True)
         _remove(tmp)  # a leftover of a killed write
         yield tmp
+        _make_readable(tmp)
         os.replace(tmp, path)
     except BaseException as e:
         _write_failed(e, path, tmp)
+
+
+def _make_readable(path: Path) -> None:
+    """Give written files the mode ``open()`` gives: some writers (safetensors) create private files (0600), and a
+    model folder is written to be shared."""
+    files = [path] if path.is_file() else [p for p in path.rglob("*") if p.is_file()]
+    for file in files:
+        os.chmod(file, _file_mode())
+
+
+@functools.lru_cache(maxsize=1)
+def _file_mode() -> int:
+    """The mode a new file gets from ``open()``: 0666 less the process's umask (0644 under the usual 022)."""
+    umask = os.umask(0o022)
+    os.umask(umask)
+    return 0o666 & ~umask
 
 
 def _write_failed(e: BaseException, path: Path, tmp: Path) -> None:
@@ -132,6 +150,7 @@ def atomic_dir(path: PathLike) -> Iterator[Path]:
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir()
         yield tmp
+        _make_readable(tmp)
         shutil.rmtree(old, ignore_errors=True)
         if path.exists():
             os.replace(path, old)

@@ -55,4 +55,7 @@ def run(args: argparse.Namespace) -> int:
     skipped = f", {len(predictions.skipped)} unreadable skipped" if predictions.skipped else ""
     where = f" -> {args.results_file}" if args.results_file else ""
     print(f"{done}{skipped}{where}", file=sys.stderr)
+    if not predictions.results:
+        raise GcvimoeError("no image could be read, so nothing was predicted; give image files (JPEG, PNG, ...) "
+                           "or folders of them")
     return 0

@@ -6,6 +6,7 @@ load per MoE layer, which classes each expert serves, and ``stats.json`` with th
     gcvimoe visualize --checkpoint runs/tiny/best.pth --data-dir /data/imagenet --per-class 1 --output viz
 """
 import argparse
+import os
 import sys
 from typing import List, Optional, Sequence, Tuple
 
@@ -48,6 +49,8 @@ def run(args: argparse.Namespace) -> int:
     for flag in ('per_class', 'max_images', 'batch_size'):
         if getattr(args, flag) < 1:
             raise GcvimoeError(f"--{flag.replace('_', '-')} must be at least 1, got {getattr(args, flag)}")
+    if os.path.exists(args.output) and not os.path.isdir(args.output):
+        raise GcvimoeError(f"--output {args.output} is a file; give a folder for the figures (it is made if missing)")
     checkpoint = read_checkpoint(args.checkpoint)
     model = model_from_checkpoint(checkpoint, use_ema=args.use_ema)
     if not any(True for _ in moe_layers(model)):

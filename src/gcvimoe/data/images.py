@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Iterable, List, Sequence, Tuple, Union
 
 import numpy as np
-from PIL import Image, UnidentifiedImageError
+from PIL import Image, ImageOps, UnidentifiedImageError
 from torchvision.datasets.folder import IMG_EXTENSIONS
 
 from gcvimoe.errors import GcvimoeError
@@ -107,7 +107,8 @@ def _decode(source: ImageSource, mode: str) -> Image.Image:
         if width * height > MAX_IMAGE_PIXELS:
             raise UnreadableImage(3, f"{width}x{height}")
         image.load()
-        return to_mode(image, mode)
+        # the orientation every viewer applies (a phone's portrait JPEG is stored sideways with EXIF Orientation 6)
+        return to_mode(ImageOps.exif_transpose(image), mode)
 
 
 def read_image(source: ImageSource, mode: str) -> Image.Image:
