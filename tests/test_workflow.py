@@ -302,3 +302,26 @@ def test_images_are_read_upright_by_their_exif_orientation(tmp_path):
     assert read.size == (20, 40)
     pixels = torch.tensor(list(read.convert("L").getdata()), dtype=torch.float32).view(40, 20)
     assert pixels[:8].mean() > 200 and pixels[12:].mean() < 50
+
+
+def test_benchmark_says_its_threads_and_warns_on_a_busy_machine(capsys, monkeypatch):
+    import os
+    previous = torch.get_num_threads()
+    try:
+        monkeypatch.setattr(os, "getloadavg", lambda: (0.0, 0.0, 0.0))
+        code, out, err = cli_json(capsys, "1")
+        assert code == 0 and out["threads"] == 1 and "warning" not in err
+        monkeypatch.setattr(os, "getloadavg", lambda: (float(os.cpu_count() or 1) + 4, 0.0, 0.0))
+        code, out, err = cli_json(capsys, "1")
+        assert code == 0 and "warning: the machine's load" in err
+        code, err = run_cli(capsys, "benchmark", "--model", "gcvimoe_pico", "--threads", "0")
+        assert_one_error_line(code, err, "--threads must be at least 1")
+    finally:
+        torch.set_num_threads(previous)
+
+
+def cli_json(capsys, threads):
+    from helpers import cli
+    code, out, err = cli(capsys, "benchmark", "--model", "gcvimoe_pico", "--img-size", "32", "--batch-size", "2",
+                         "--steps", "1", "--threads", threads, "--json", "--device", "cpu")
+    return code, json.loads(out.strip().splitlines()[-1]), err

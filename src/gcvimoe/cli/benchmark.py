@@ -7,11 +7,14 @@ For side-by-side comparisons against other implementations use the scripts in ``
 """
 import argparse
 import json
+import os
+import sys
 import warnings
 
 import torch
 
 from gcvimoe.cli._common import add_device, add_json, add_moe_options, moe_options
+from gcvimoe.errors import GcvimoeError
 from gcvimoe.train.benchmark import measure_throughput
 
 # the 0.1 spelling --amp bf16 / fp16, kept for one release
@@ -30,6 +33,8 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument('--amp-dtype', default='bfloat16', choices=('bfloat16', 'float16'))
     parser.add_argument('--compile', action='store_true', help='torch.compile the model')
     parser.add_argument('--channels-last', action='store_true')
+    parser.add_argument('--threads', type=int, default=None, metavar='N',
+                        help="CPU threads (default: torch's, one per core); the result says how many were used")
     add_json(parser)
     add_moe_options(parser)
 
@@ -46,11 +51,30 @@ def _amp_dtype(args: argparse.Namespace):
     return getattr(torch, name) if name else None
 
 
+def _threads(requested) -> int:
+    """Set and return the CPU threads; warn when other work already keeps the cores they need busy, since the
+    timing then measures the machine's load more than the model."""
+    if requested is not None:
+        if requested < 1:
+            raise GcvimoeError(f"--threads must be at least 1, got {requested}")
+        torch.set_num_threads(requested)
+    threads = torch.get_num_threads()
+    cores = os.cpu_count() or threads
+    load = os.getloadavg()[0] if hasattr(os, 'getloadavg') else 0.0
+    if load > cores - threads + 0.5:
+        print(f"warning: the machine's load ({load:.1f} over the last minute, {cores} cores) leaves fewer than the "
+              f"{threads} cores this benchmark uses free; expect slower, noisier numbers (--threads N, or an idle "
+              f"machine)", file=sys.stderr)
+    return threads
+
+
 def run(args: argparse.Namespace) -> int:
+    threads = _threads(args.threads)
     result = measure_throughput(
         args.model, batch_size=args.batch_size, img_size=args.img_size, train=args.train, steps=args.steps,
         device=args.device, amp_dtype=_amp_dtype(args), compile=args.compile, channels_last=args.channels_last,
         **moe_options(args))
+    result['threads'] = threads
     if args.json:
         print(json.dumps(result))
     else:
@@ -58,5 +82,5 @@ def run(args: argparse.Namespace) -> int:
         print(f"{args.model} {result['mode']} on {result['device']} ({result['amp']}, batch {args.batch_size}, "
               f"{height}x{width}{', compiled' if args.compile else ''}): {result['images_per_s']:.1f} img/s, "
               f"{result['step_ms']:.1f} ms/step (median of {args.steps}), "
-              f"peak memory {result['peak_memory_mib']:.0f} MiB")
+              f"peak memory {result['peak_memory_mib']:.0f} MiB, {threads} CPU thread(s)")
     return 0
