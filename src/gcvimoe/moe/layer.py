@@ -11,7 +11,7 @@ statistics::
 """
 import functools
 from dataclasses import dataclass
-from typing import Callable, Dict, Iterator, Optional, Tuple, Union
+from typing import Callable, Dict, Iterator, Mapping, Optional, Tuple, Union
 
 import torch
 from timm.layers import Mlp
@@ -289,6 +289,23 @@ def collect_moe_report(model: nn.Module) -> MoEReport:
     layers = [(name, layer) for name, layer in moe_layers(model) if layer.stats is not None]
     return MoEReport(
         aux_loss=collect_aux_loss(model),
-        losses={name: dict(layer.losses) for name, layer in layers},
+        losses=_LayerLosses(dict(layers)),
         stats={name: layer.stats for name, layer in layers},
     )
+
+
+class _LayerLosses(Mapping):
+    """Layer name -> its unweighted losses, computed when a layer's entry is read (a training step that logs only
+    the expert counts computes none)."""
+
+    def __init__(self, layers: Dict[str, 'MoE']):
+        self._layers = layers
+
+    def __getitem__(self, name: str) -> Dict[str, Tensor]:
+        return dict(self._layers[name].losses)
+
+    def __iter__(self):
+        return iter(self._layers)
+
+    def __len__(self) -> int:
+        return len(self._layers)

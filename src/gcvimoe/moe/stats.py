@@ -3,8 +3,9 @@
 The statistics are detached tensors computed with a few O(t * k) reductions, when first read after a forward (a
 step that never reads them does not compute them); nothing is copied to the host until :meth:`RoutingStats.summary` or :meth:`MoEReport.summary` is called.
 """
+import functools
 from dataclasses import dataclass, field
-from typing import Dict, Union
+from typing import Dict, Mapping, Union
 
 import torch
 from torch import Tensor
@@ -13,9 +14,9 @@ from gcvimoe.moe.dispatch import DispatchPlan, SortedPlan
 from gcvimoe.moe.router import Routing
 
 
-@dataclass
 class RoutingStats:
-    """How one forward pass of an MoE layer routed its tokens.
+    """How one forward pass of an MoE layer routed its tokens; each statistic is computed when first read (the
+    expert counts a training log reads every step cost a subtraction, the rest nothing until asked for).
 
     Attributes:
         tokens_per_expert: Assignments each expert was asked to take, before capacity ``[e]`` (sums to ``t * k`` for
@@ -29,13 +30,41 @@ class RoutingStats:
         unrouted: Whether no expert computed each token (capacity dropped it, or no expert chose it), shaped as
             ``top1_expert``.
     """
-    tokens_per_expert: Tensor
-    kept_tokens_per_expert: Tensor
-    dropped_fraction: Tensor
-    unrouted_fraction: Tensor
-    router_entropy: Tensor
-    top1_expert: Tensor
-    unrouted: Tensor
+
+    def __init__(self, routing: Routing, plan: Union[DispatchPlan, SortedPlan], input_shape: torch.Size):
+        self._routing, self._plan, self._input_shape = routing, plan, input_shape
+        self._num_tokens = routing.probs.shape[0]
+
+    @functools.cached_property
+    def tokens_per_expert(self) -> Tensor:
+        return self._plan.requested_per_expert.detach()
+
+    @functools.cached_property
+    def kept_tokens_per_expert(self) -> Tensor:
+        return self._plan.tokens_per_expert.detach()
+
+    @functools.cached_property
+    def dropped_fraction(self) -> Tensor:
+        requested = self.tokens_per_expert.sum()
+        return (requested - self.kept_tokens_per_expert.sum()) / requested.clamp(min=1)
+
+    @functools.cached_property
+    def unrouted(self) -> Tensor:
+        with torch.no_grad():
+            return (self._plan.kept_per_token(self._num_tokens) == 0).reshape(self._input_shape)
+
+    @functools.cached_property
+    def unrouted_fraction(self) -> Tensor:
+        return self.unrouted.sum() / max(self._num_tokens, 1)  # 0, not NaN, for an empty batch
+
+    @functools.cached_property
+    def router_entropy(self) -> Tensor:
+        with torch.no_grad():
+            return torch.special.entr(self._routing.probs.detach()).sum() / max(self._num_tokens, 1)
+
+    @functools.cached_property
+    def top1_expert(self) -> Tensor:
+        return self._routing.top1_expert.detach().reshape(self._input_shape)
 
     def summary(self) -> Dict[str, float]:
         """Scalar statistics as floats for logging, with ``load_cv``: the coefficient of variation of the kept load."""
@@ -48,28 +77,15 @@ class RoutingStats:
         }
 
 
-@torch.no_grad()
 def routing_stats(routing: Routing, plan: Union[DispatchPlan, SortedPlan], input_shape: torch.Size) -> RoutingStats:
-    """Statistics of one routing decision.
+    """Statistics of one routing decision (computed as they are read).
 
     Args:
         routing: The assignments before capacity.
         plan: The assignments after capacity.
         input_shape: Shape of the layer input without its last dimension (``t`` tokens in all).
     """
-    num_tokens = routing.probs.shape[0]
-    requested = plan.requested_per_expert
-    kept = plan.tokens_per_expert
-    rows_per_token = plan.kept_per_token(num_tokens)
-    return RoutingStats(
-        tokens_per_expert=requested,
-        kept_tokens_per_expert=kept,
-        dropped_fraction=(requested.sum() - kept.sum()) / requested.sum().clamp(min=1),
-        unrouted_fraction=(rows_per_token == 0).sum() / max(num_tokens, 1),  # 0, not NaN, for an empty batch
-        router_entropy=torch.special.entr(routing.probs).sum() / max(num_tokens, 1),
-        top1_expert=routing.top1_expert.reshape(input_shape),
-        unrouted=(rows_per_token == 0).reshape(input_shape),
-    )
+    return RoutingStats(routing, plan, input_shape)
 
 
 @dataclass
@@ -82,7 +98,7 @@ class MoEReport:
         stats: Layer name -> routing statistics.
     """
     aux_loss: Tensor
-    losses: Dict[str, Dict[str, Tensor]] = field(default_factory=dict)
+    losses: Mapping[str, Dict[str, Tensor]] = field(default_factory=dict)
     stats: Dict[str, RoutingStats] = field(default_factory=dict)
 
     def summary(self, per_layer: bool = False) -> Dict[str, float]:
