@@ -31,8 +31,7 @@ from pathlib import Path
 
 import numpy as np
 
-sys.path.insert(0, os.path.dirname(__file__))
-from _common import machine, write_section  # noqa: E402
+from _common import machine, write_section
 
 ROOT = Path(__file__).resolve().parents[1]
 IDX_DIR = Path(os.environ.get("GCVIMOE_FASHION_MNIST_DIR", "/usr/share/datasets/fashion-mnist"))
