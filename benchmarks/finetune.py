@@ -32,8 +32,7 @@ from PIL import Image
 
 from _common import machine, write_section
 
-from gcvimoe.data import read_idx
-from gcvimoe.data.fashion_mnist import FASHION_MNIST_CLASSES, fashion_mnist_dir
+from gcvimoe.data.fashion_mnist import FASHION_MNIST_CLASSES, fashion_mnist_dir, read_idx
 
 ROOT = Path(__file__).resolve().parents[1]
 PLOT = ROOT / "benchmarks" / "results" / "finetune.png"
