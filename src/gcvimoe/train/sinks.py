@@ -1,8 +1,9 @@
 """Where a run's scalars go: TensorBoard, Weights & Biases, or any sink registered by name.
 
-A sink is a :class:`ScalarSink` subclass with ``@register_sink``: :meth:`ScalarSink.open` reads the run's config and
-returns the sink, or None where it is turned off or its package is missing; :meth:`~ScalarSink.add` gets the
-scalars of one step, :meth:`~ScalarSink.close` ends it. Nothing else in the trainer names a sink.
+A sink is a :class:`ScalarSink` subclass with ``@register_sink``: its ``switch`` names the config key that turns it
+on (none: always on); :meth:`~ScalarSink.open` returns the sink, or None where its package is missing;
+:meth:`~ScalarSink.add` gets the scalars of one step, :meth:`~ScalarSink.close` ends it. Nothing else in the trainer
+names a sink.
 
     @register_sink
     class Printed(ScalarSink):
@@ -18,6 +19,7 @@ Every sink gets the same scalars, on the primary process only: at the log steps 
 ``experts/<layer>/load_cv`` (coefficient of variation of the tokens its experts were asked to take),
 ``max_load`` (the busiest expert's tokens over the mean; 1 is balanced) and ``dropped_fraction``.
 """
+import importlib
 import logging
 import os
 from contextlib import contextmanager
@@ -32,12 +34,18 @@ _logger = logging.getLogger("gcvimoe.train")
 
 
 class ScalarSink:
-    """One destination of the run's scalars. Subclasses set ``name`` and implement :meth:`open` and :meth:`add`."""
+    """One destination of the run's scalars. Subclasses set ``name`` and implement :meth:`open` and :meth:`add`.
+
+    Attributes:
+        name: The name it is registered under.
+        switch: The boolean :class:`~gcvimoe.train.config.TrainConfig` key that turns it on, or "" for always on.
+    """
     name = ""
+    switch = ""
 
     @classmethod
     def open(cls, output_dir: Path, cfg: TrainConfig, purge_step: Optional[int]) -> Optional['ScalarSink']:
-        """The sink for a run writing to ``output_dir``, or None where ``cfg`` turns it off or it is not installed.
+        """The sink for a run writing to ``output_dir`` (its ``switch`` on), or None where it is not installed.
 
         ``purge_step`` is a resumed run's first step (None for a new run): what a killed run logged from that step on
         is logged again."""
@@ -63,27 +71,33 @@ def register_sink(cls: Type[ScalarSink]) -> Type[ScalarSink]:
     return cls
 
 
+def _installed(module: str, missing: str):
+    """``module`` imported, or None after logging ``missing``: a sink whose package is absent is skipped, not an
+    error."""
+    try:
+        return importlib.import_module(module)
+    except ImportError:
+        _logger.info(missing)
+        return None
+
+
 @register_sink
 class TensorBoardSink(ScalarSink):
     """``<output>/tensorboard``, with ``tensorboard: true`` (the default) and tensorboard installed."""
-    name = "tensorboard"
+    name = switch = "tensorboard"
 
     def __init__(self, writer):
         self.writer = writer
 
     @classmethod
     def open(cls, output_dir: Path, cfg: TrainConfig, purge_step: Optional[int]) -> Optional['TensorBoardSink']:
-        if not cfg.tensorboard:
-            return None
-        try:
-            from torch.utils.tensorboard import SummaryWriter
-        except ImportError:
-            _logger.info("tensorboard: not installed, no TensorBoard logs (pip install tensorboard, or "
-                         "--no-tensorboard)")
+        tensorboard = _installed("torch.utils.tensorboard", "tensorboard: not installed, no TensorBoard logs "
+                                 "(pip install tensorboard, or --no-tensorboard)")
+        if tensorboard is None:
             return None
         _logger.info("tensorboard: tensorboard --logdir %s", output_dir / "tensorboard")
         # purge_step drops the steps a killed run wrote from there on, so the steps it re-runs do not appear twice
-        return cls(SummaryWriter(str(output_dir / "tensorboard"), purge_step=purge_step))
+        return cls(tensorboard.SummaryWriter(str(output_dir / "tensorboard"), purge_step=purge_step))
 
     def add(self, axis: str, step: int, scalars: Mapping[str, float]) -> None:
         for tag, value in scalars.items():
@@ -99,19 +113,15 @@ class TensorBoardSink(ScalarSink):
 class WandbSink(ScalarSink):
     """A Weights & Biases run in ``<output>/wandb`` (project ``$WANDB_PROJECT``, default gcvimoe), with ``log_wandb``
     and wandb installed; the run's config is the training config."""
-    name = "wandb"
+    name, switch = "wandb", "log_wandb"
 
     def __init__(self, run):
         self.run = run
 
     @classmethod
     def open(cls, output_dir: Path, cfg: TrainConfig, purge_step: Optional[int]) -> Optional['WandbSink']:
-        if not cfg.log_wandb:
-            return None
-        try:
-            import wandb
-        except ImportError:
-            _logger.info("log_wandb: wandb is not installed, no W&B logs (pip install wandb)")
+        wandb = _installed("wandb", "log_wandb: wandb is not installed, no W&B logs (pip install wandb)")
+        if wandb is None:
             return None
         try:
             run = wandb.init(project=os.environ.get("WANDB_PROJECT", "gcvimoe"), name=output_dir.name,
@@ -151,12 +161,14 @@ class ScalarLog:
 @contextmanager
 def scalar_log(output_dir: Path, info: DistInfo, cfg: TrainConfig, purge_step: Optional[int] = None
                ) -> Iterator[ScalarLog]:
-    """A :class:`ScalarLog` of every registered sink that opens for ``cfg``, on the primary process; closed on
-    leaving the block."""
+    """A :class:`ScalarLog` of every registered sink that ``cfg`` switches on and that opens, on the primary process;
+    closed on leaving the block."""
     log = ScalarLog()
     try:
         if info.is_primary:
             for sink_cls in SINKS.values():
+                if sink_cls.switch and not getattr(cfg, sink_cls.switch):
+                    continue
                 sink = sink_cls.open(output_dir, cfg, purge_step)
                 if sink is not None:
                     log.sinks.append(sink)
