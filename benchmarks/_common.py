@@ -1,4 +1,7 @@
-"""Shared helpers for the benchmarks: interleaved timing (this machine is shared and noisy) and peak memory."""
+"""Shared helpers for the benchmarks: interleaved timing (this machine is shared and noisy) and peak memory.
+
+Run a benchmark as ``python benchmarks/NAME.py``: Python puts the script's folder first on ``sys.path``, so
+``from _common import ...`` (and one benchmark importing another) needs no path setup of its own."""
 import datetime
 import multiprocessing as mp
 import os

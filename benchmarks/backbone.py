@@ -9,16 +9,14 @@ Timings are interleaved (ours, timm, timm, ours, ...) and reduced by the median.
 import argparse
 import functools
 import os
-import sys
 
 import timm
 import torch
 import torch.nn.functional as F
 
-sys.path.insert(0, os.path.dirname(__file__))
-from _common import interleaved_times, median, peak_rss_mib  # noqa: E402
+from _common import interleaved_times, median, peak_rss_mib
 
-import gcvimoe  # noqa: E402,F401  (registers gcvimoe_* in timm)
+import gcvimoe  # noqa: F401  (registers gcvimoe_* in timm)
 
 
 def build(impl: str, size: str, batch: int, train: bool, compile_model: bool = False, seed: int = 0):

@@ -11,19 +11,16 @@ ceiling, in training samples per second.
     .venv/bin/python benchmarks/data_sources.py --images 200 --rounds 1  # a quick check that it runs
 """
 import argparse
-import os
 import shutil
-import sys
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
 
-sys.path.insert(0, os.path.dirname(__file__))
-from _common import interleaved_times, machine, median, write_section  # noqa: E402
+from _common import interleaved_times, machine, median, write_section
 
-from gcvimoe.data import build_transform, create_dataset, create_loader, resolve_data_config, set_epoch  # noqa: E402
-from gcvimoe.data.shards import write_shards  # noqa: E402
+from gcvimoe.data import build_transform, create_dataset, create_loader, resolve_data_config, set_epoch
+from gcvimoe.data.shards import write_shards
 
 ROOT = Path(__file__).resolve().parents[1]
 CLASSES = 10

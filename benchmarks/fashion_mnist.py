@@ -27,8 +27,7 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, os.path.dirname(__file__))
-from _common import RESULTS, write_section  # noqa: E402
+from _common import RESULTS, write_section
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIG = "fashion_mnist"

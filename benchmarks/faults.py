@@ -49,8 +49,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-sys.path.insert(0, os.path.dirname(__file__))
-from _common import machine, write_section  # noqa: E402
+from _common import machine, write_section
 
 ROOT = Path(__file__).resolve().parents[1]
 PY = sys.executable

@@ -21,7 +21,6 @@ two at a time, one thread each.
 import argparse
 import csv
 import json
-import os
 import re
 import subprocess
 import sys
@@ -31,11 +30,9 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-sys.path.insert(0, os.path.dirname(__file__))
-from _common import machine, write_section  # noqa: E402
+from _common import machine, write_section
 
-from gcvimoe.data import read_idx  # noqa: E402
-from gcvimoe.data.fashion_mnist import FASHION_MNIST_CLASSES, fashion_mnist_dir  # noqa: E402
+from gcvimoe.data.fashion_mnist import FASHION_MNIST_CLASSES, fashion_mnist_dir, read_idx
 
 ROOT = Path(__file__).resolve().parents[1]
 PLOT = ROOT / "benchmarks" / "results" / "finetune.png"

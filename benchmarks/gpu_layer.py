@@ -11,21 +11,18 @@ what the step asked for divided by its time. Peak memory is the step's allocatio
 """
 import argparse
 import itertools
-import os
 import statistics
-import sys
 import time
 
 import torch
 from timm.layers import Mlp
 from torch.utils.flop_counter import FlopCounterMode
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _common import machine, write_section  # noqa: E402
-from moe_cost import FLOP_FORMULAS  # noqa: E402
-from op_counter import OpCounter  # noqa: E402
+from _common import machine, write_section
+from moe_cost import FLOP_FORMULAS
+from op_counter import OpCounter
 
-from gcvimoe.moe import MoE  # noqa: E402
+from gcvimoe.moe import MoE
 
 
 class Timer:

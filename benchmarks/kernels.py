@@ -13,20 +13,17 @@ Arms: every kernel on, none (plain PyTorch), and every kernel but one. A kernel'
 time with all on, minus one, as the median of per-round ratios (each round runs every arm back to back).
 """
 import argparse
-import os
 import statistics
-import sys
 from functools import partial
 
 import torch
 import torch.nn.functional as F
 
-sys.path.insert(0, os.path.dirname(__file__))
-from _common import interleaved_times, machine, write_section  # noqa: E402
+from _common import interleaved_times, machine, write_section
 
-import gcvimoe  # noqa: E402
-from gcvimoe import kernels  # noqa: E402
-from gcvimoe.moe import collect_aux_loss  # noqa: E402
+import gcvimoe
+from gcvimoe import kernels
+from gcvimoe.moe import collect_aux_loss
 
 TRAIN_KERNELS = ('attention', 'expert_mlp', 'dropout_bits')
 INFER_KERNELS = ('inplace_residual', 'expert_mlp')

@@ -13,19 +13,16 @@ the MoE model's last train step is printed beside the ratios.
 """
 import argparse
 import functools
-import os
 import statistics
-import sys
 
 import timm
 import torch
 import torch.nn.functional as F
 
-sys.path.insert(0, os.path.dirname(__file__))
-from _common import interleaved_times, machine, median, write_section  # noqa: E402
+from _common import interleaved_times, machine, median, write_section
 
-import gcvimoe  # noqa: E402,F401
-from gcvimoe.moe import collect_aux_loss, collect_moe_report  # noqa: E402
+import gcvimoe  # noqa: F401
+from gcvimoe.moe import collect_aux_loss, collect_moe_report
 
 MODELS = {
     'gcvimoe_tiny E=8 k=1': ('gcvimoe_tiny', dict(num_experts=8, top_k=1)),

@@ -14,18 +14,15 @@ inductor generates for the step in bf16 (``torch._inductor.metrics.generated_ker
 """
 import argparse
 import copy
-import os
-import sys
 
 import torch
 from timm.layers import Mlp
 from torch.utils.flop_counter import FlopCounterMode
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _common import machine, write_section  # noqa: E402
-from op_counter import OpCounter  # noqa: E402
+from _common import machine, write_section
+from op_counter import OpCounter
 
-from gcvimoe.moe import MoE, set_expert_path  # noqa: E402
+from gcvimoe.moe import MoE, set_expert_path
 
 
 def _train_step(layer, x, grad):

@@ -18,17 +18,15 @@ import argparse
 import itertools
 import os
 import statistics
-import sys
 from dataclasses import dataclass
 
 import torch
 from timm.layers import Mlp
 from torch.profiler import ProfilerActivity, profile
 
-sys.path.insert(0, os.path.dirname(__file__))
-from _common import interleaved_times, machine, write_section  # noqa: E402
+from _common import interleaved_times, machine, write_section
 
-from gcvimoe.moe import MoE  # noqa: E402
+from gcvimoe.moe import MoE
 
 
 @dataclass

@@ -20,7 +20,6 @@ the last epoch's top-1 (never the best epoch's), wall times, and active MACs per
 """
 import argparse
 import csv
-import gzip
 import json
 import os
 import statistics
@@ -31,8 +30,9 @@ from pathlib import Path
 
 import numpy as np
 
-sys.path.insert(0, os.path.dirname(__file__))
-from _common import machine, write_section  # noqa: E402
+from _common import machine, write_section
+
+from gcvimoe.data.fashion_mnist import read_idx
 
 ROOT = Path(__file__).resolve().parents[1]
 IDX_DIR = Path(os.environ.get("GCVIMOE_FASHION_MNIST_DIR", "/usr/share/datasets/fashion-mnist"))
@@ -45,14 +45,6 @@ SUBSET_SIZE = 8000
 SEEDS = (0, 1, 2)
 FULL_EPOCHS, SUBSET_EPOCHS = 6, 10
 QUIET_FLAG = Path("/tmp/gcvimoe-quiet")  # another user of the machine asks for quiet cores while it exists
-
-
-def read_idx(path: Path) -> np.ndarray:
-    with gzip.open(path, "rb") if path.suffix == ".gz" else open(path, "rb") as f:
-        data = f.read()
-    rank = data[3]
-    shape = tuple(int.from_bytes(data[4 + 4 * i:8 + 4 * i], "big") for i in range(rank))
-    return np.frombuffer(data, dtype=np.uint8, offset=4 + 4 * rank).reshape(shape)
 
 
 def load_split(prefix: str):

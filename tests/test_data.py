@@ -8,9 +8,10 @@ import torch
 from PIL import Image
 
 from gcvimoe.data import (
-    DigitsDataset, FashionMNIST, ImageFolder, build_transform, create_dataset, create_loader, read_idx,
-    resolve_data_config, set_epoch)
+    DigitsDataset, FashionMNIST, ImageFolder, build_transform, create_dataset, create_loader, resolve_data_config,
+    set_epoch)
 from gcvimoe.data.digits import digits_split
+from gcvimoe.data.fashion_mnist import read_idx
 from gcvimoe.errors import GcvimoeError
 
 

@@ -16,7 +16,8 @@ import torch
 from PIL import Image
 
 from helpers import cli as run_cli
-from gcvimoe.data import DataConfig, build_transform, load_image, read_image
+from gcvimoe.data import DataConfig, build_transform, load_image
+from gcvimoe.data.images import read_image
 from gcvimoe.errors import GcvimoeError
 from gcvimoe.files import atomic_path, temporary_path
 from gcvimoe.train.checkpointing import save_checkpoint

@@ -4,7 +4,7 @@ Importing the package registers ``gcvimoe_<size>`` models in timm's registry.
 """
 __version__ = "0.1.0"
 
-from gcvimoe.models import create_model, list_models  # noqa: E402  (registers the models in timm)
-from gcvimoe.models import create_model_from_checkpoint  # noqa: E402
+from gcvimoe.models import create_model, list_models  # registers the models in timm
+from gcvimoe.models import create_model_from_checkpoint
 
 __all__ = ['create_model', 'create_model_from_checkpoint', 'list_models', '__version__']

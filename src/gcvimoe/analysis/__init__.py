@@ -4,8 +4,7 @@ out; routing maps, expert load and class x expert figures from a model's own rou
 from gcvimoe.analysis.curves import plot_training_curves
 from gcvimoe.analysis.experts import plot_class_expert, plot_expert_load, plot_expert_usage
 from gcvimoe.analysis.routing import plot_routing_map, record_routing
-from gcvimoe.analysis.style import expert_colors, layer_title
 from gcvimoe.analysis.visualize import visualize_routing
 
 __all__ = ['plot_training_curves', 'plot_expert_usage', 'plot_expert_load', 'plot_class_expert', 'plot_routing_map',
-           'record_routing', 'expert_colors', 'layer_title', 'visualize_routing']
+           'record_routing', 'visualize_routing']

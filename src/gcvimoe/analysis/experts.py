@@ -55,7 +55,8 @@ def plot_expert_usage(experts: Dict[str, Dict], path, title: Optional[str] = Non
     ax.set_yticks(range(len(names)))
     labels = [layer_title(name) for name in names]
     if show_dropped:
-        labels = [f"{label}  (dropped {experts[name]['dropped_fraction']:.1%})" for label, name in zip(labels, names)]
+        labels = [f"{label}  (dropped {experts[name]['dropped_fraction']:.1%})"
+                  for label, name in zip(labels, names, strict=True)]
     ax.set_yticklabels(labels, fontsize="small")
     if num_experts * len(names) <= 400:  # beyond that the numbers no longer fit their cells
         for i in range(len(names)):
@@ -63,7 +64,8 @@ def plot_expert_usage(experts: Dict[str, Dict], path, title: Optional[str] = Non
                 if not np.isnan(shares[i, j]):
                     ax.text(j, i, f"{shares[i, j]:.2f}", ha="center", va="center", fontsize=7,
                             color="white" if shares[i, j] < np.nanmax(shares) * 0.6 else "black")
-    fig.colorbar(image, ax=ax, label=f"share of the layer's tokens\n(uniform = 1/{num_experts} = {1 / num_experts:.3g})")
+    fig.colorbar(image, ax=ax,
+                 label=f"share of the layer's tokens\n(uniform = 1/{num_experts} = {1 / num_experts:.3g})")
     ax.set_title(title or "expert usage", fontsize="medium")
     return _save(fig, path, dpi=110)
 
@@ -83,7 +85,7 @@ def plot_expert_load(layers: Dict[str, Dict], path, title: str, unit: str = "tok
     rows = math.ceil(len(names) / cols)
     fig = _figure(0.9 + 3.3 * cols, 0.8 + 2.5 * rows)
     axes = np.atleast_1d(fig.subplots(rows, cols, squeeze=False)).ravel()
-    for ax, name in zip(axes, names):
+    for ax, name in zip(axes, names, strict=False):  # the grid may have spare panels
         _load_bars(ax, layers[name], layer_title(name), unit)
     for ax in axes[len(names):]:
         ax.set_visible(False)
@@ -136,7 +138,7 @@ def plot_class_expert(counts: Dict[str, np.ndarray], class_names: Sequence[str],
     fig = _figure(1.2 + panel_w * cols, 0.6 + panel_h * rows)
     axes = np.atleast_1d(fig.subplots(rows, cols, squeeze=False)).ravel()
     annotate = num_classes * num_experts <= 160
-    for ax, name in zip(axes, names):
+    for ax, name in zip(axes, names, strict=False):  # the grid may have spare panels
         layer = np.asarray(counts[name], dtype=float)
         share = layer / np.maximum(layer.sum(axis=0, keepdims=True), 1.0)
         image = ax.imshow(share, cmap="magma_r", vmin=0.0, vmax=1.0, aspect="auto", interpolation="nearest")

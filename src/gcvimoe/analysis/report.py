@@ -47,7 +47,8 @@ def write_report(path: Path, cfg, result, metrics: Dict[str, Any], wall_seconds:
         "| digit | top-1 | images |",
         "|---|---|---|",
     ]
-    for name, acc, count in zip(metrics["class_names"], metrics["per_class_top1"], metrics["class_counts"]):
+    for name, acc, count in zip(metrics["class_names"], metrics["per_class_top1"], metrics["class_counts"],
+                                 strict=True):
         lines.append(f"| {name} | {acc:.1f} % | {count} |")
     lines += ["", "## Expert usage on the validation set", ""]
     if metrics["experts"]:

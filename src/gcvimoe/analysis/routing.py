@@ -128,7 +128,7 @@ def plot_routing_map(
     axes[0].imshow(pixels, cmap="gray" if shown.shape[0] == 1 else None, vmin=0, vmax=1, extent=extent)
     axes[0].set_title(f"input ({height}x{width} px)", fontsize="small")
     any_unrouted = False
-    for ax, name in zip(axes[1:], layers):
+    for ax, name in zip(axes[1:], layers, strict=False):  # the grid may have spare panels
         grid = maps[name].cpu().numpy()
         ax.imshow(colors[grid], extent=extent, interpolation="nearest")
         _draw_token_grid(ax, grid.shape, height, width)

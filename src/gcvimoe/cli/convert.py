@@ -70,8 +70,8 @@ def _onnx(args: argparse.Namespace) -> int:
     layers = dict(moe_layers(model))
     if layers and any(layer.config.eval_capacity_factor > 0 for layer in layers.values()):
         print(f"note: {args.checkpoint} evaluates with capacity (eval_capacity_factor "
-              f"{next(iter(layers.values())).config.eval_capacity_factor}); the ONNX export is dropless: every token gets "
-              f"its experts")
+              f"{next(iter(layers.values())).config.eval_capacity_factor}); the ONNX export is dropless: every token "
+              f"gets its experts")
     path = export_onnx(model, args.output)
     what = f"{len(layers)} MoE layers, dropless" if layers else "dense"
     print(f"wrote {path} ({model.model_name}, {what}, dynamic batch)")

@@ -6,8 +6,8 @@ the data it was trained on. Examples::
     gcvimoe validate --checkpoint runs/digits/best.pth
     gcvimoe validate --checkpoint runs/digits/model --results-file digits.csv
     gcvimoe validate --checkpoint runs/tiny/last.pth --data-dir /data/imagenet --json
-    gcvimoe validate --model gcvimoe_tiny --checkpoint gcvit_tiny.pth --data-dir /data/imagenet   # a plain state dict
-    gcvimoe validate --model local-dir:runs/tiny/model --pretrained                               # as timm's validate.py
+    gcvimoe validate --model gcvimoe_tiny --checkpoint gcvit_tiny.pth --data-dir /data/imagenet  # a plain state dict
+    gcvimoe validate --model local-dir:runs/tiny/model --pretrained                              # as timm's validate.py
 """
 import argparse
 import json
@@ -54,7 +54,8 @@ def format_report(result: Dict[str, Any]) -> str:
         "per-class top-1:",
     ]
     width = max(len(name) for name in result["class_names"])
-    for name, acc, count in zip(result["class_names"], result["per_class_top1"], result["class_counts"]):
+    for name, acc, count in zip(result["class_names"], result["per_class_top1"], result["class_counts"],
+                                strict=True):
         lines.append(f"  {name:<{width}}  " + (f"{acc:6.2f} %  ({count} images)" if acc is not None else "no images"))
     if result["experts"]:
         lines.append(f"expert usage (share of routed tokens per expert; uniform = "

@@ -4,11 +4,9 @@ from gcvimoe.data import hfds, shards  # noqa: F401  (they register their source
 from gcvimoe.data.config import DataConfig
 from gcvimoe.data.digits import DigitsDataset
 from gcvimoe.data.factory import build_transform, create_dataset, resolve_data_config, train_image_count
-from gcvimoe.data.fashion_mnist import FashionMNIST, read_idx
+from gcvimoe.data.fashion_mnist import FashionMNIST
 from gcvimoe.data.folder import ImageFolder
-from gcvimoe.data.images import (
-    MAX_IMAGE_PIXELS, UNREADABLE_REASONS, UnreadableImage, find_images, list_images, load_image, read_image,
-    too_many_unreadable)
+from gcvimoe.data.images import UnreadableImage, find_images, load_image
 from gcvimoe.data.loaders import batches_per_epoch, create_loader, set_epoch
 from gcvimoe.data.sources import (
     DataSource, Native, dataset_for_dir, default_dataset, get_source, register_source, source_names)
@@ -17,6 +15,5 @@ __all__ = [
     'DataConfig', 'resolve_data_config', 'train_image_count', 'build_transform', 'create_dataset', 'create_loader',
     'set_epoch', 'batches_per_epoch',
     'DataSource', 'Native', 'register_source', 'get_source', 'source_names', 'default_dataset', 'dataset_for_dir',
-    'DigitsDataset', 'FashionMNIST', 'read_idx', 'ImageFolder', 'find_images', 'list_images', 'load_image',
-    'read_image', 'UnreadableImage', 'UNREADABLE_REASONS', 'MAX_IMAGE_PIXELS', 'too_many_unreadable',
+    'DigitsDataset', 'FashionMNIST', 'ImageFolder', 'find_images', 'load_image', 'UnreadableImage',
 ]

@@ -13,7 +13,7 @@ from gcvimoe.data.config import DataConfig
 from gcvimoe.data.sources import get_source
 
 
-def resolve_data_config(  # noqa: PLR0913  (the data keys of the training config)
+def resolve_data_config(
         dataset: str,
         data_dir: str = "",
         img_size: Optional[int] = None,

@@ -155,7 +155,7 @@ class ImageFolder(Dataset):
         with ThreadPoolExecutor(max(1, threads)) as pool:  # PIL's decoders release the GIL
             codes = tqdm(pool.map(code, indices), total=len(indices), desc=f"checking {self.split} images",
                          disable=not progress, leave=False, dynamic_ncols=True)
-            for index, found in zip(indices, codes):
+            for index, found in zip(indices, codes, strict=True):
                 if found:
                     self.unreadable[index] = found
 

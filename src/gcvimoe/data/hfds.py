@@ -13,7 +13,7 @@ from torch.utils.data import Dataset
 
 from gcvimoe.data.images import UnreadableImage, measure_images, read_image
 from gcvimoe.data.sources import DataSource, Native, from_stats, image_mode, register_source
-from gcvimoe.errors import GcvimoeError
+from gcvimoe.errors import GcvimoeError, first_line
 
 VAL_SPLITS = ("validation", "val", "test")
 MEASURED_SAMPLES = 256
@@ -45,7 +45,7 @@ def load_splits(name: str) -> dict:
                                            download_config=datasets.DownloadConfig(local_files_only=True))
     except (FileNotFoundError, ConnectionError, ValueError, OSError) as e:
         if Path(name).exists():
-            raise GcvimoeError(f"hfds:{name}: cannot read it ({str(e).splitlines()[0][:120]}); write it with "
+            raise GcvimoeError(f"hfds:{name}: cannot read it ({first_line(e, 120)}); write it with "
                                "datasets' save_to_disk") from None
         raise missing from None
     if not isinstance(loaded, datasets.DatasetDict) or "train" not in loaded:

@@ -16,7 +16,7 @@ import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 from torchvision.datasets.folder import IMG_EXTENSIONS
 
-from gcvimoe.errors import GcvimoeError
+from gcvimoe.errors import GcvimoeError, first_line
 
 IMAGE_SUFFIXES = tuple(ext.lower() for ext in IMG_EXTENSIONS)
 
@@ -131,9 +131,9 @@ def read_image(source: ImageSource, mode: str) -> Image.Image:
             raise UnreadableImage(4) from None
         if e.errno is not None:
             raise UnreadableImage(6, e.strerror or "") from None
-        raise UnreadableImage(5, _first_line(e)) from None
+        raise UnreadableImage(5, first_line(e, 120)) from None
     except Exception as e:  # a damaged file makes PIL's decoders raise many types (SyntaxError, struct.error, ...)
-        raise UnreadableImage(5, _first_line(e)) from None
+        raise UnreadableImage(5, first_line(e, 120)) from None
 
 
 def _is_empty(source: ImageSource) -> bool:
@@ -143,10 +143,6 @@ def _is_empty(source: ImageSource) -> bool:
         return os.path.getsize(source) == 0
     except OSError:
         return False
-
-
-def _first_line(e: BaseException) -> str:
-    return str(e).strip().splitlines()[0][:120] if str(e).strip() else type(e).__name__
 
 
 def load_image(path, mode: str) -> Image.Image:

@@ -249,7 +249,7 @@ class _Backward:
         self.need_pre_act = any(self.need[:3])
         self.grad_x = torch.zeros_like(x) if self.need[0] else None
         self.grad_params = [torch.empty_like(param) if need else None
-                            for param, need in zip(self.weights, self.need[1:5])]
+                            for param, need in zip(self.weights, self.need[1:5], strict=True)]
         active = {expert for _, _, segments in self.chunks for expert, *_ in segments}
         idle = [expert for expert in range(fc1_weight.shape[0]) if expert not in active]
         for grad in self.grad_params:

@@ -84,13 +84,8 @@ class WindowAttentionGlobal(nn.Module):
         self.proj = nn.Linear(dim, dim, **dd)
         self.proj_drop = nn.Dropout(proj_drop)
 
-    def forward(
-            self,
-            x: torch.Tensor,
-            q_global: torch.Tensor,
-            window: Tuple[int, int],
-            key_mask: Optional[torch.Tensor] = None,
-    ) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, q_global: torch.Tensor, window: Tuple[int, int],
+                key_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
         """Attention within windows, then the output projection; arguments as for :meth:`attend`."""
         return self.proj_drop(self.proj(self.attend(x, q_global, window, key_mask)))
 
@@ -100,13 +95,8 @@ class WindowAttentionGlobal(nn.Module):
                 and (self.attn_drop == 0 or not self.training) and not autocast_enabled(x.device)
                 and not torch.compiler.is_compiling())
 
-    def attend(
-            self,
-            x: torch.Tensor,
-            q_global: torch.Tensor,
-            window: Tuple[int, int],
-            key_mask: Optional[torch.Tensor] = None,
-    ) -> torch.Tensor:
+    def attend(self, x: torch.Tensor, q_global: torch.Tensor, window: Tuple[int, int],
+               key_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
         """Attention within windows, heads merged, before the output projection: ``[b*w, n, c]``.
 
         Args:

@@ -25,7 +25,7 @@ import torch
 import torch.nn as nn
 from safetensors import safe_open
 
-from gcvimoe.errors import GcvimoeError
+from gcvimoe.errors import GcvimoeError, first_line
 from gcvimoe.models.sharded import is_sharded_checkpoint, read_sharded_checkpoint
 
 PathLike = Union[str, os.PathLike]
@@ -96,16 +96,19 @@ def read_checkpoint(path: PathLike) -> Checkpoint:
     return Checkpoint(path, _strip_prefixes(obj))
 
 
+_ANSI_COLOURS = re.compile(r'\x1b\[[0-9;]*m')
+
+
 def _load_failure(e: Exception) -> str:
     """Why ``torch.load`` failed, in a few words. Its advice to load with ``weights_only=False`` (which runs code from
     the file) is never passed on."""
-    text = re.sub(r'\x1b\[[0-9;]*m', '', str(e)).strip()
+    text = _ANSI_COLOURS.sub('', str(e)).strip()
     foreign = re.search(r'Unsupported global: GLOBAL (\S+)', text)
     if foreign:
         return f'it holds objects other than tensors and plain data ({foreign.group(1)})'
     if re.search(r'weights.only|unpickl', text, re.IGNORECASE) or len(text.split()) < 3:  # or a bare key or byte
         return 'not a PyTorch checkpoint, or a damaged one'
-    return text.splitlines()[0].split('. ')[0][:160] if text else type(e).__name__  # torch adds advice after
+    return _ANSI_COLOURS.sub('', first_line(e)).split('. ')[0][:160]  # torch adds advice after the first sentence
 
 
 def _read_safetensors(path: Path) -> Checkpoint:

@@ -27,15 +27,8 @@ class MbConvBlock(nn.Module):
 class Downsample2d(nn.Module):
     """Norm, MBConv, strided 3x3 conv, norm: halves the resolution (NCHW in and out)."""
 
-    def __init__(
-            self,
-            dim: int,
-            dim_out: Optional[int] = None,
-            act_layer: Callable = nn.GELU,
-            norm_layer: Callable = LayerNorm2d,
-            device=None,
-            dtype=None,
-    ):
+    def __init__(self, dim: int, dim_out: Optional[int] = None, act_layer: Callable = nn.GELU,
+                 norm_layer: Callable = LayerNorm2d, device=None, dtype=None):
         super().__init__()
         dd = dict(device=device, dtype=dtype)
         dim_out = dim_out or dim
@@ -67,15 +60,8 @@ class FeatureBlock(nn.Module):
 class Stem(nn.Module):
     """3x3 stride-2 conv then a downsample: 4x reduction, NCHW."""
 
-    def __init__(
-            self,
-            in_chs: int = 3,
-            out_chs: int = 96,
-            act_layer: Callable = nn.GELU,
-            norm_layer: Callable = LayerNorm2d,
-            device=None,
-            dtype=None,
-    ):
+    def __init__(self, in_chs: int = 3, out_chs: int = 96, act_layer: Callable = nn.GELU,
+                 norm_layer: Callable = LayerNorm2d, device=None, dtype=None):
         super().__init__()
         dd = dict(device=device, dtype=dtype)
         self.conv1 = nn.Conv2d(in_chs, out_chs, kernel_size=3, stride=2, padding=1, **dd)

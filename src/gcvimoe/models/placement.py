@@ -81,7 +81,7 @@ def resolve_moe_blocks(spec: MoEPlacement, depths: Sequence[int]) -> List[List[i
         raise GcvimoeError(f"moe_blocks has {len(stages)} stage lists but the model has {len(depths)} stages "
                            f"(depths {tuple(depths)}); give one list per stage, [-1] for none")
     placement = []
-    for stage, (indices, depth) in enumerate(zip(stages, depths)):
+    for stage, (indices, depth) in enumerate(zip(stages, depths, strict=True)):
         chosen = set()
         for index in indices:
             if not isinstance(index, int) or isinstance(index, bool):

@@ -21,7 +21,7 @@ import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint import FileSystemReader
 from torch.distributed.checkpoint.metadata import Metadata, TensorStorageMetadata
 
-from gcvimoe.errors import GcvimoeError
+from gcvimoe.errors import GcvimoeError, first_line
 
 TRAINING_FILE = 'training.pth'
 METADATA_FILE = '.metadata'
@@ -106,14 +106,9 @@ def load_whole(folder, prefixes: Iterable[str] = WEIGHT_PREFIXES) -> Dict[str, t
     except GcvimoeError:
         raise
     except Exception as e:  # DCP wraps a missing or damaged shard file in its own error types
-        raise GcvimoeError(f"cannot read the sharded checkpoint {folder} ({_first_line(e)}); resume from another "
+        raise GcvimoeError(f"cannot read the sharded checkpoint {folder} ({first_line(e, 160)}); resume from another "
                            f"checkpoint") from None
     return targets
-
-
-def _first_line(e: Exception) -> str:
-    text = str(e).strip()
-    return text.splitlines()[0][:160] if text else type(e).__name__
 
 
 def read_sharded_checkpoint(folder) -> Dict[str, Any]:

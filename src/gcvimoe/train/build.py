@@ -129,9 +129,8 @@ def default_workers(dataset: str) -> int:
 
 def default_threads(workers: int) -> int:
     """CPU threads per process when the config leaves it to the machine: the cores of this process less its loader
-    processes. Threads beyond the free cores make this model's many small operations wait on each other: on 2 cores
-    a second thread bought little beside a loader process, and training ran several times slower with it whenever
-    another job took a core (the digits recipe found the same)."""
+    processes. Threads beyond the free cores make this model's many small operations wait on each other, and a thread
+    that shares its core with another job stalls the rest."""
     return max(1, (os.cpu_count() or 1) // _processes_here() - workers)
 
 

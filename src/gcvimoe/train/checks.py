@@ -19,7 +19,8 @@ from typing import TYPE_CHECKING, Dict, Iterator, List, Tuple
 from torch import nn
 from torch.utils.data import Dataset
 
-from gcvimoe.data import UNREADABLE_REASONS, ImageFolder, too_many_unreadable
+from gcvimoe.data import ImageFolder
+from gcvimoe.data.images import UNREADABLE_REASONS, too_many_unreadable
 from gcvimoe.errors import GcvimoeError
 from gcvimoe.files import write_text
 from gcvimoe.train.distributed import DistInfo, all_gather_objects

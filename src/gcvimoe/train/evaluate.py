@@ -16,7 +16,7 @@ from gcvimoe.moe import MoEReport, collect_moe_report, moe_layers
 from gcvimoe.moe.parallel import is_expert_parallel
 from gcvimoe.train.device import resolve_device
 from gcvimoe.train.distributed import DistInfo, all_reduce_sum, max_over_processes
-from gcvimoe.train.progress import track
+from gcvimoe.train.progress import expert_load, track
 
 
 def one_line(error: GcvimoeError) -> GcvimoeError:
@@ -75,15 +75,7 @@ class ExpertUsage:
 
     def summary(self) -> Dict[str, Dict[str, Any]]:
         """Per layer: each expert's share of the routed tokens, the dropped share, and the raw counts."""
-        out = {}
-        for name, tokens in self.tokens.items():
-            total = float(tokens.sum())
-            out[name] = {
-                "tokens_per_expert": [float(t) / total if total else 0.0 for t in tokens],
-                "dropped_fraction": 1.0 - float(self.kept[name].sum()) / total if total else 0.0,
-                "token_counts": [int(t) for t in tokens],
-            }
-        return out
+        return {name: expert_load(tokens.tolist(), self.kept[name].tolist()) for name, tokens in self.tokens.items()}
 
 
 def _match_collective_passes(model, num_batches, most_batches, example, loader, info, autocast, channels_last):

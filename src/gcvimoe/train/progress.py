@@ -1,5 +1,5 @@
 """What a run shows while it runs: the console and ``train.log`` (:func:`log_to`), step lines, progress bars, and
-TensorBoard / Weights & Biases scalars.
+the scalars its sinks receive (:mod:`gcvimoe.train.sinks`: TensorBoard, Weights & Biases).
 
 Reading a value the GPU computed makes the host wait for the GPU, so the training loop sums its losses, image counts
 and expert token counts on the device (:class:`StepMeter`) and reads them only at log steps: the first and the last
@@ -9,15 +9,11 @@ whole job's numbers over the micro-batches since the previous line.
 A progress bar is drawn by the primary process only, and only when stderr is a terminal: a redirected log (a file,
 torchrun's) gets lines and never a carriage return.
 
-TensorBoard (``<output>/tensorboard``) and W&B get the same scalars: at the log steps on the micro-batch axis
-(``step/...``) and once per epoch on the epoch axis (``epoch/...``), never every step. Each MoE layer adds
-``experts/<layer>/load_cv`` (coefficient of variation of the tokens its experts were asked to take),
-``max_load`` (the busiest expert's tokens over the mean; 1 is balanced) and ``dropped_fraction``.
+The scalars of the MoE layers' expert load (:func:`expert_load_scalars`) are described in :mod:`gcvimoe.train.sinks`.
 """
 import datetime
 import logging
 import math
-import os
 import sys
 import time
 from contextlib import contextmanager, nullcontext
@@ -29,7 +25,6 @@ from torch import nn
 from tqdm import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
-from gcvimoe.errors import GcvimoeError, first_line
 from gcvimoe.moe import MoEReport, moe_layers
 from gcvimoe.train.distributed import DistInfo, all_reduce_sum
 
@@ -247,58 +242,6 @@ class StepMeter:
         return stats, experts
 
 
-class ScalarLog:
-    """TensorBoard and Weights & Biases scalars; without either (and on every process but the primary) a no-op."""
-
-    def __init__(self, tensorboard=None, wandb_run=None):
-        self.tensorboard, self.wandb_run = tensorboard, wandb_run
-
-    def add(self, axis: str, step: int, scalars: Mapping[str, float]) -> None:
-        """``scalars`` as ``<axis>/<name>`` at ``step``: ``axis`` is 'step' (micro-batches) or 'epoch'."""
-        tagged = {f"{axis}/{name}": float(value) for name, value in scalars.items()}
-        if self.tensorboard is not None:
-            for tag, value in tagged.items():
-                self.tensorboard.add_scalar(tag, value, step)
-            if axis == "epoch":
-                self.tensorboard.flush()
-        if self.wandb_run is not None:
-            self.wandb_run.log({**tagged, axis: step})
-
-    def close(self) -> None:
-        if self.tensorboard is not None:
-            self.tensorboard.close()
-        if self.wandb_run is not None:
-            self.wandb_run.finish()
-
-
-def _tensorboard_writer(output_dir: Path, purge_step: Optional[int]):
-    try:
-        from torch.utils.tensorboard import SummaryWriter
-    except ImportError:
-        _logger.info("tensorboard: not installed, no TensorBoard logs (pip install tensorboard, or --no-tensorboard)")
-        return None
-    _logger.info("tensorboard: tensorboard --logdir %s", output_dir / "tensorboard")
-    return SummaryWriter(str(output_dir / "tensorboard"), purge_step=purge_step)
-
-
-def _wandb_run(output_dir: Path, config: Dict[str, Any]):
-    try:
-        import wandb
-    except ImportError:
-        _logger.info("log_wandb: wandb is not installed, no W&B logs (pip install wandb)")
-        return None
-    try:
-        run = wandb.init(project=os.environ.get("WANDB_PROJECT", "gcvimoe"), name=output_dir.name,
-                         dir=str(output_dir), config=config)
-    except wandb.errors.Error as e:
-        raise GcvimoeError(f"--log-wandb: {first_line(e)}; run `wandb login`, set WANDB_MODE=offline, "
-                           "or train without --log-wandb") from None
-    for axis in ("step", "epoch"):
-        run.define_metric(axis)
-        run.define_metric(f"{axis}/*", step_metric=axis)
-    return run
-
-
 @contextmanager
 def log_to(output_dir: Path, info: DistInfo, append: bool):
     """Log to the console (primary process) and to ``output_dir/train.log`` inside the ``with`` block."""
@@ -323,21 +266,3 @@ def log_to(output_dir: Path, info: DistInfo, append: bool):
             handler.close()
         logger.setLevel(saved[0])
         logger.propagate = saved[1]
-
-
-@contextmanager
-def scalar_log(output_dir: Path, info: DistInfo, tensorboard: bool, wandb_config: Optional[Dict[str, Any]],
-               purge_step: Optional[int] = None):
-    """A :class:`ScalarLog` writing to TensorBoard (when ``tensorboard`` and installed) and to W&B (when
-    ``wandb_config`` is given and wandb installed) on the primary process; closed on leaving the block.
-
-    ``purge_step`` (a resumed run's first step) has TensorBoard drop what a killed run wrote from that step on, so
-    the steps it re-runs do not appear twice."""
-    log = ScalarLog()
-    try:
-        if info.is_primary:
-            log.tensorboard = _tensorboard_writer(output_dir, purge_step) if tensorboard else None
-            log.wandb_run = _wandb_run(output_dir, wandb_config) if wandb_config is not None else None
-        yield log
-    finally:
-        log.close()

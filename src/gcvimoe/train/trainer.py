@@ -32,7 +32,7 @@ processes, ``dropped_fraction`` the share of token-to-expert assignments dropped
 ``last.pth``, ``best.pth`` (best
 ``eval_top1``), ``checkpoint-<epoch>.pth`` every ``checkpoint_every`` epochs, ``train.log`` (a line every
 ``log_interval`` steps and one per epoch), and ``tensorboard/`` when tensorboard is installed (see
-:mod:`gcvimoe.train.progress`); the command line's plotting callback adds ``curves.png`` and ``expert_usage.png``.
+:mod:`gcvimoe.train.sinks`); the command line's plotting callback adds ``curves.png`` and ``expert_usage.png``.
 """
 import dataclasses
 import logging
@@ -61,9 +61,9 @@ from gcvimoe.train.distributed import (
     clip_grad_norm_expert_parallel, collective_failure, init_distributed, is_collective_failure)
 from gcvimoe.train.evaluate import evaluate, iterate
 from gcvimoe.train.preemption import Preemption
-from gcvimoe.train.progress import (
-    ScalarLog, StepMeter, expert_load_scalars, log_to, resolve_log_interval, scalar_log)
+from gcvimoe.train.progress import StepMeter, expert_load_scalars, log_to, resolve_log_interval
 from gcvimoe.train.run import Callback, Run, TrainResult, TrainState
+from gcvimoe.train.sinks import ScalarLog, scalar_log
 
 _logger = logging.getLogger("gcvimoe.train")
 
@@ -110,10 +110,8 @@ def fit(run: Run, state: TrainState, resumed: bool) -> TrainResult:
         save_config(dataclasses.replace(run.cfg, output=str(run.output_dir)), run.output_dir / "config.yaml")
         if resumed:
             repair_after_kill(run.output_dir, state)
-    wandb_config = run.cfg.to_dict() if run.cfg.log_wandb else None
     with log_to(run.output_dir, run.info, append=resumed), \
-            scalar_log(run.output_dir, run.info, run.cfg.tensorboard, wandb_config,
-                       purge_step=_first_step(run, state) if resumed else None) as writer:
+            scalar_log(run.output_dir, run.info, run.cfg, _first_step(run, state) if resumed else None) as writer:
         log_header(run, state)
         prepare_data(run, resumed)
         eval_result: Dict[str, Any] = {}
@@ -172,7 +170,7 @@ def train_one_epoch(run: Run, state: TrainState, epoch: int, writer: Optional[Sc
         state: Where the run stands: ``num_updates`` (the scheduler and EMA step on it) is advanced; ``batch`` and
             ``epoch_sums`` continue an epoch a checkpoint stopped in the middle of (see :func:`set_epoch`).
         epoch: The epoch (0-based).
-        writer: Where the log steps' scalars go (TensorBoard, W&B), or None.
+        writer: Where the log steps' scalars go (the sinks of :mod:`gcvimoe.train.sinks`), or None.
     """
     run.train_model.train()
     info, loader, accum = run.info, run.train_loader, run.cfg.grad_accum_steps
