@@ -11,7 +11,8 @@ import warnings
 
 import torch
 
-from gcvimoe.cli._common import add_device, add_json, add_moe_options, moe_options
+from gcvimoe.cli._common import add_device, add_json, add_moe_options
+from gcvimoe.moe.config import FIELDS as MOE_FIELDS
 from gcvimoe.train.benchmark import measure_throughput
 
 # the 0.1 spelling --amp bf16 / fp16, kept for one release
@@ -50,7 +51,7 @@ def run(args: argparse.Namespace) -> int:
     result = measure_throughput(
         args.model, batch_size=args.batch_size, img_size=args.img_size, train=args.train, steps=args.steps,
         device=args.device, amp_dtype=_amp_dtype(args), compile=args.compile, channels_last=args.channels_last,
-        **moe_options(args))
+        **MOE_FIELDS.from_args(args))
     if args.json:
         print(json.dumps(result))
     else:
