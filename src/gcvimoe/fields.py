@@ -208,7 +208,7 @@ class Fields(Mapping[str, dataclasses.Field]):
                     raise GcvimoeError(f"{self.label.format(name)} must be a finite number, got {item}")
 
     def add_flags(self, parser: argparse.ArgumentParser, defaults: Mapping[str, Any], title: Optional[str] = None,
-                  headings: Mapping[str, str] = {}, aliases: Mapping[str, Sequence[str]] = {},
+                  headings: Optional[Mapping[str, str]] = None, aliases: Optional[Mapping[str, Sequence[str]]] = None,
                   negatable: bool = False) -> None:
         """A ``--key`` option per field of ``defaults``, absent from the namespace unless given (read them back with
         :meth:`from_args`), its help ending in the default.
@@ -221,6 +221,7 @@ class Fields(Mapping[str, dataclasses.Field]):
             aliases: Other option strings of a key (``--pretrained-path`` for timm users).
             negatable: A switch that is on by default also gets ``--no-key``.
         """
+        headings, aliases = headings or {}, aliases or {}
         group = parser.add_argument_group(title) if title else parser
         for name, f in self.items():
             if name in headings:

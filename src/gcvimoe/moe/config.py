@@ -64,8 +64,8 @@ class MoEConfig:
     def __post_init__(self):
         FIELDS.check(self)
         if self.gate_noise != 0 and self.router == 'expert_choice':
-            raise GcvimoeError(f"gate_noise applies to the token-choice routers (linear, cosine), got {self.gate_noise} "
-                               f"with router=expert_choice")
+            raise GcvimoeError(f"gate_noise applies to the token-choice routers (linear, cosine), got "
+                               f"{self.gate_noise} with router=expert_choice")
 
     @property
     def is_dense(self) -> bool:
