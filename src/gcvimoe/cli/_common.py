@@ -1,6 +1,5 @@
 """Flags that several subcommands share, so that each has one name and one meaning, and the plotting callback."""
 import argparse
-import typing
 from pathlib import Path
 
 from gcvimoe.moe import config as moe_config
@@ -30,30 +29,10 @@ def add_json(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--json", action="store_true", help="print JSON instead of the report")
 
 
-def metavar(tp) -> str:
-    if typing.get_origin(tp) is typing.Union:
-        tp = next(a for a in typing.get_args(tp) if a is not type(None))
-    if typing.get_origin(tp) in (list, typing.List):
-        return "A,B"
-    return {int: "N", float: "X", str: "STR", bool: "BOOL"}.get(tp, "YAML")
-
-
 def add_moe_options(parser: argparse.ArgumentParser, title: str = "MoE options") -> None:
-    """``--num-experts``, ``--top-k``, ... generated from :class:`gcvimoe.moe.MoEConfig`; absent unless given."""
-    group = parser.add_argument_group(title)
-    for name, f in moe_config.FIELDS.items():
-        tp = moe_config.FIELD_TYPES[name]
-        is_bool = tp is bool
-        group.add_argument(
-            f"--{name.replace('_', '-')}", dest=name, default=argparse.SUPPRESS, metavar=metavar(tp),
-            nargs="?" if is_bool else None, const="true" if is_bool else None,
-            help=f"{f.metadata['help']} (default: {getattr(moe_config.GCVIMOE, name)!r})")
-
-
-def moe_options(args: argparse.Namespace) -> dict:
-    """The MoE options given on the command line, typed."""
-    from gcvimoe.train.config import parse_cli_value
-    return {name: parse_cli_value(name, getattr(args, name)) for name in moe_config.FIELDS if hasattr(args, name)}
+    """``--num-experts``, ``--top-k``, ... generated from :class:`gcvimoe.moe.MoEConfig`, absent unless given (read
+    them back with ``gcvimoe.moe.config.FIELDS.from_args``); ``--help`` shows the GCViMoE recipe's defaults."""
+    moe_config.FIELDS.add_flags(parser, moe_config.GCVIMOE.to_dict(), title=title)
 
 
 class PlotCallback(Callback):

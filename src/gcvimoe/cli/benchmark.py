@@ -13,8 +13,9 @@ import warnings
 
 import torch
 
-from gcvimoe.cli._common import add_device, add_json, add_moe_options, moe_options
+from gcvimoe.cli._common import add_device, add_json, add_moe_options
 from gcvimoe.errors import GcvimoeError
+from gcvimoe.moe.config import FIELDS as MOE_FIELDS
 from gcvimoe.train.benchmark import measure_throughput
 
 # the 0.1 spelling --amp bf16 / fp16, kept for one release
@@ -73,7 +74,7 @@ def run(args: argparse.Namespace) -> int:
     result = measure_throughput(
         args.model, batch_size=args.batch_size, img_size=args.img_size, train=args.train, steps=args.steps,
         device=args.device, amp_dtype=_amp_dtype(args), compile=args.compile, channels_last=args.channels_last,
-        **moe_options(args))
+        **MOE_FIELDS.from_args(args))
     result['threads'] = threads
     if args.json:
         print(json.dumps(result))

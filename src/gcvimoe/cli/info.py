@@ -4,9 +4,10 @@ import json
 import warnings
 from dataclasses import asdict
 
-from gcvimoe.cli._common import add_json, add_moe_options, moe_options
+from gcvimoe.cli._common import add_json, add_moe_options
 from gcvimoe.errors import GcvimoeError
 from gcvimoe.models.info import model_info
+from gcvimoe.moe.config import FIELDS as MOE_FIELDS
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
@@ -31,7 +32,7 @@ def run(args: argparse.Namespace) -> int:
             raise GcvimoeError(f"--{flag.replace('_', '-')} must be at least 1, got {value}")
     kwargs = {k: v for k, v in dict(img_size=args.img_size, in_chans=args.in_chans,
                                     num_classes=args.num_classes).items() if v is not None}
-    kwargs.update(moe_options(args))
+    kwargs.update(MOE_FIELDS.from_args(args))
     info = model_info(name, **kwargs)  # the model's input size follows img_size and in_chans
     if args.json:
         print(json.dumps(asdict(info)))

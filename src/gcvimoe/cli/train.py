@@ -12,20 +12,18 @@ Examples::
 import argparse
 import dataclasses
 import sys
-import typing
 from pathlib import Path
 
-from gcvimoe.cli._common import PlotCallback, add_moe_options, metavar, moe_options
-from gcvimoe.errors import GcvimoeError, nearest
+from gcvimoe.cli._common import PlotCallback, add_moe_options
+from gcvimoe.errors import GcvimoeError
+from gcvimoe.fields import suggest_unknown_flags
 from gcvimoe.moe import config as moe_config
-from gcvimoe.train.config import (
-    CONFIG_ALIASES, FIELD_TYPES, FIELDS, TrainConfig, build_config, builtin_configs, config_yaml, parse_cli_value)
+from gcvimoe.train.config import CONFIG_ALIASES, FIELDS, TrainConfig, build_config, builtin_configs, config_yaml
 from gcvimoe.train.checkpointing import find_resume_checkpoint, load_training_checkpoint
 
-_GROUPS = (
+_HEADINGS = {first: f"config keys: {title}" for first, title in (
     ("model", "model"), ("dataset", "data"), ("scale", "augmentation"), ("epochs", "optimisation"),
-    ("ema", "model averaging"), ("device", "runtime"), ("output", "output"),
-)
+    ("ema", "model averaging"), ("device", "runtime"), ("output", "output"))}
 
 
 def _help_defaults() -> dict:
@@ -50,49 +48,16 @@ def configure(parser: argparse.ArgumentParser) -> None:
                         help="checkpoint to continue from, or 'auto' for the output folder's last.pth (if any)")
     parser.add_argument("--print-config", action="store_true",
                         help="print the resolved config (defaults < -c file < flags) as YAML and exit")
-    group = parser
-    for name, f in FIELDS.items():
-        heading = next((title for first, title in _GROUPS if first == name), None)
-        if heading is not None:
-            group = parser.add_argument_group(f"config keys: {heading}")
-        if name == "moe":
-            continue
-        is_bool = bool in (FIELD_TYPES[name], *typing.get_args(FIELD_TYPES[name]))  # a switch, maybe with modes
-        default = defaults[name]
-        aliases = ["--pretrained-path"] if name == "initial_checkpoint" else []  # timm train.py's other name
-        group.add_argument(
-            f"--{name.replace('_', '-')}", *aliases, dest=name, default=argparse.SUPPRESS, metavar=metavar(FIELD_TYPES[name]),
-            nargs="?" if is_bool else None, const="true" if is_bool else None,
-            help=f"{f.metadata['help']} (default: {default!r})")
-        if is_bool and default is True:
-            group.add_argument(f"--no-{name.replace('_', '-')}", dest=name, action="store_const", const="false",
-                               default=argparse.SUPPRESS, help=f"turn --{name.replace('_', '-')} off")
+    defaults.pop("moe")  # flags of their own, below
+    FIELDS.add_flags(parser, defaults, headings=_HEADINGS, aliases={"initial_checkpoint": ["--pretrained-path"]},
+                     negatable=True)  # --pretrained-path: timm train.py's name
     add_moe_options(parser, "config keys: MoE options (the moe: section)")
-    _suggest_unknown_options(parser)
-
-
-def _suggest_unknown_options(parser: argparse.ArgumentParser) -> None:
-    """Make an unknown ``--option`` an error naming the nearest config key (argparse alone only lists it)."""
-    parse_known_args = parser.parse_known_args
-    keys = [*FIELDS, *moe_config.FIELDS]
-
-    def parse_with_suggestion(args=None, namespace=None):
-        namespace, extras = parse_known_args(args, namespace)
-        for arg in extras:
-            if arg.startswith("--"):
-                option = arg[2:].split("=", 1)[0].replace("-", "_")
-                close = nearest(option, keys)
-                hint = f"; did you mean --{close.replace('_', '-')}?" if close else "; see gcvimoe train --help"
-                parser.error(f"unknown option {arg.split('=', 1)[0]}{hint}")
-        return namespace, extras
-
-    parser.parse_known_args = parse_with_suggestion
+    suggest_unknown_flags(parser, [*FIELDS, *moe_config.FIELDS], "see gcvimoe train --help")
 
 
 def config_from_args(args: argparse.Namespace):
     """The effective config, the checkpoint to resume from (or None), and where each non-default value came from."""
-    overrides = {name: parse_cli_value(name, getattr(args, name)) for name in FIELDS if hasattr(args, name)}
-    overrides.update(moe_options(args))
+    overrides = {**FIELDS.from_args(args), **moe_config.FIELDS.from_args(args)}
     origins: dict = {}
     cfg = build_config(args.config, overrides, origins=origins)
     checkpoint = None
