@@ -183,3 +183,10 @@ def test_builtin_configs_by_name():
     assert find_config("small-images") == find_config("small_images")
     with pytest.raises(GcvimoeError, match="did you mean 'imagenet'"):
         build_config("imagenett")
+
+
+def test_a_negative_keep_last_is_refused_before_anything_is_deleted(capsys):
+    """`--keep-last -2` once read as 'keep the newest -2', which pruning took as every epoch checkpoint."""
+    from helpers import assert_one_error_line, run_cli
+    code, err = run_cli(capsys, "train", "--keep-last", "-2", "--checkpoint-every", "1", "--print-config")
+    assert_one_error_line(code, err, "keep_last", "must not be negative")

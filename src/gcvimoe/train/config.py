@@ -151,7 +151,8 @@ class TrainConfig:
     save_interval: str = option("", "also save last.pth inside epochs: every N optimiser steps (500) or minutes (10m, "
                                     "90s, 2h); '' = at epoch ends only. SIGTERM, SIGINT and SIGUSR1 always save",
                                 check=_STEPS_OR_DURATION)
-    keep_last: int = option(3, "how many checkpoint-<epoch>.pth files to keep, newest first (0 = all)")
+    keep_last: int = option(3, "how many checkpoint-<epoch>.pth files to keep, newest first (0 = all)",
+                            check=NOT_NEGATIVE)
     overwrite: bool = option(False, "replace a previous run in the output folder (refused otherwise, unless resuming)")
     log_interval: int = option(0, "training micro-batches between step lines and TensorBoard points (0 = about 5 "
                                   "per epoch)", check=NOT_NEGATIVE)
