@@ -13,7 +13,7 @@ install: $(STAMP)
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q torch==2.14.1 torchvision==0.29.1
-	$(BIN)/python -m pip install -q -e '.[test,export,tensorboard]'
+	$(BIN)/python -m pip install -q -e '.[test,export,tensorboard,hf]'
 	touch $(STAMP)
 
 demo: install
