@@ -79,17 +79,25 @@ def test_compiled_layer_routes_where_dynamo_reads_is_exporting_as_true(monkeypat
     _assert_equal_runs(compiled, eager)
 
 
-def test_new_routing_does_not_recompile():
-    """Three batches that route differently (different token counts per expert and drops) run one graph."""
-    layer = _layer("linear", 1.0, True)
+@pytest.mark.parametrize("path", [None, "grouped_mm"], ids=["default", "gpu-path"])
+def test_new_routing_does_not_recompile(path):
+    """Three batches that route differently (different token counts per expert and drops) run one graph, on the
+    default path and on the GPU's (in bf16, which its grouped GEMM traces in)."""
+    from gcvimoe.moe import set_expert_path
+    dtype = torch.float32 if path is None else torch.bfloat16
+    layer = _layer("linear", 1.0, True).to(dtype)
     torch._dynamo.reset()
     compiled = torch.compile(layer, fullgraph=True, backend="aot_eager")
     counts = []
-    with torch._dynamo.config.patch(error_on_recompile=True):
-        for seed in range(3):
-            torch.manual_seed(seed)
-            compiled(torch.randn(2, 12, 8) * (seed + 1)).sum().backward()
-            counts.append(layer.stats.kept_tokens_per_expert.tolist())
+    previous = set_expert_path(path)
+    try:
+        with torch._dynamo.config.patch(error_on_recompile=True):
+            for seed in range(3):
+                torch.manual_seed(seed)
+                compiled(torch.randn(2, 12, 8, dtype=dtype) * (seed + 1)).sum().backward()
+                counts.append(layer.stats.kept_tokens_per_expert.tolist())
+    finally:
+        set_expert_path(previous)
     assert len({tuple(c) for c in counts}) == 3  # the routing did change
 
 
@@ -168,19 +176,6 @@ def test_gpu_path_compiles_fullgraph_and_equals_eager(gpu_path, router, capacity
     torch.testing.assert_close(compiled[0], eager[0], rtol=0, atol=0)
     for got, expected in zip(compiled[1], eager[1]):
         torch.testing.assert_close(got, expected, rtol=0, atol=0)
-
-
-def test_gpu_path_new_routing_does_not_recompile(gpu_path):
-    layer = _layer("linear", 1.0, True).to(gpu_path)
-    torch._dynamo.reset()
-    compiled = torch.compile(layer, fullgraph=True, backend="aot_eager")
-    counts = []
-    with torch._dynamo.config.patch(error_on_recompile=True):
-        for seed in range(3):
-            torch.manual_seed(seed)
-            compiled(torch.randn(2, 12, 8, dtype=gpu_path) * (seed + 1)).sum().backward()
-            counts.append(layer.stats.kept_tokens_per_expert.tolist())
-    assert len({tuple(c) for c in counts}) == 3
 
 
 @pytest.mark.parametrize("train", [True, False], ids=["train", "eval"])

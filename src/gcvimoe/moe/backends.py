@@ -21,7 +21,7 @@ from torch import Tensor
 from gcvimoe import kernels
 from gcvimoe.errors import GcvimoeError, did_you_mean
 from gcvimoe.moe.dispatch import DispatchPlan, SortedPlan, plan_dispatch, plan_sorted
-from gcvimoe.moe.experts import Experts
+from gcvimoe.moe.experts import Experts, _grouped_mm_supported
 from gcvimoe.moe.router import Routing
 
 Plan = Union[DispatchPlan, SortedPlan]
@@ -60,10 +60,9 @@ def _run_compacted(kernel: bool):
 
 
 def _grouped_mm_preferred(tokens: Tensor, experts: Experts) -> bool:
-    """torch's grouped GEMM kernel: CUDA, bf16, SM 8.0+, 16-byte aligned rows; experts all in this process."""
-    return (tokens.is_cuda and tokens.dtype == torch.bfloat16 and experts.local_experts_only
-            and experts.hidden_features % 8 == 0 and experts.out_features % 8 == 0 and experts.in_features % 8 == 0
-            and torch.cuda.get_device_capability(tokens.device) >= (8, 0))
+    """torch's grouped GEMM kernel runs both expert GEMMs, and the experts all live in this process."""
+    return (experts.local_experts_only and _grouped_mm_supported(tokens, experts.fc1_weight)
+            and _grouped_mm_supported(tokens, experts.fc2_weight))
 
 
 def _eager_cpu(tokens: Tensor, experts: Optional[Experts] = None) -> bool:

@@ -30,7 +30,7 @@ BIAS_COLUMNS = 8  # a bias folded into a grouped GEMM is one weight row, padded 
 
 
 def _grouped_mm_supported(x: Tensor, weight: Tensor) -> bool:
-    """torch's grouped GEMM kernel: CUDA, bf16, SM 8.0+, 16-byte aligned rows."""
+    """torch's grouped GEMM kernel can multiply ``x`` by ``weight``: CUDA, bf16, SM 8.0+, 16-byte aligned rows."""
     return (x.is_cuda and x.dtype == torch.bfloat16 and weight.shape[-2] % 8 == 0 and weight.shape[-1] % 8 == 0
             and torch.cuda.get_device_capability(x.device) >= (8, 0))
 
