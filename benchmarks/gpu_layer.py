@@ -2,6 +2,7 @@
 
     python benchmarks/gpu_layer.py                              # T 2^16 and 2^18, H 768 and 1536, k 1 and 2
     python benchmarks/gpu_layer.py --compile                    # both layers torch.compile'd (fullgraph)
+    python benchmarks/gpu_layer.py --path triton --tokens 262144 --hidden 768 --top-k 1   # one expert path pinned
     python benchmarks/gpu_layer.py --device cpu --tokens 2048 --hidden 768 --top-k 1 --no-write   # a dry run
 
 bf16 (autocast) on the GPU, D 384, E 8, capacity 1.25, against a dense timm ``Mlp`` of the same widths. Times are
@@ -22,7 +23,7 @@ from _common import machine, write_section
 from moe_cost import FLOP_FORMULAS
 from op_counter import OpCounter
 
-from gcvimoe.moe import MoE
+from gcvimoe.moe import MoE, set_expert_path
 
 
 class Timer:
@@ -132,11 +133,14 @@ def main():
     parser.add_argument('--capacity', type=float, default=1.25)
     parser.add_argument('--rounds', type=int, default=10)
     parser.add_argument('--compile', action='store_true')
+    parser.add_argument('--path', help="pin the MoE layer's expert path (gcvimoe.moe.set_expert_path), e.g. triton")
     parser.add_argument('--no-write', dest='write', action='store_false')
     args = parser.parse_args()
-    lines = [f"## One MoE layer on a GPU, phases apart (`benchmarks/gpu_layer.py{' --compile' if args.compile else ''}`)",
+    set_expert_path(args.path)
+    flags = (' --compile' if args.compile else '') + (f' --path {args.path}' if args.path else '')
+    lines = [f"## One MoE layer on a GPU, phases apart (`benchmarks/gpu_layer.py{flags}`)",
              "", f"Latest run: {machine()}; bf16 autocast, D {args.dim}, E {args.experts}, capacity {args.capacity}, "
-             f"{'compiled (fullgraph)' if args.compile else 'eager'}; medians of {args.rounds} rounds. Each cell: ms "
+             f"{'compiled (fullgraph)' if args.compile else 'eager'}, expert path {args.path or 'default'}; medians of {args.rounds} rounds. Each cell: ms "
              "(vs dense), achieved TFLOP/s, GB/s. Targets at T = 2^18, H = 768: MoE train and inference at most 1.3x "
              "dense eager, 1.2x compiled; peak memory at most 1.3x.", "",
              "| T | H | k | layer | forward | backward | inference | train vs dense | train peak MiB |",
@@ -146,7 +150,8 @@ def main():
             print(row, flush=True)
             lines.append(row)
     if args.write:
-        write_section('gpu_layer' + ('_compiled' if args.compile else ''), '\n'.join(lines))
+        write_section('gpu_layer' + ('_compiled' if args.compile else '') + (f'_{args.path}' if args.path else ''),
+                      '\n'.join(lines))
 
 
 if __name__ == '__main__':

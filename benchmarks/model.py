@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from _common import interleaved_times, machine, median, write_section
 
 import gcvimoe  # noqa: F401
-from gcvimoe.moe import collect_aux_loss, collect_moe_report
+from gcvimoe.moe import collect_aux_loss, collect_moe_report, set_expert_path
 
 MODELS = {
     'gcvimoe_tiny E=8 k=1': ('gcvimoe_tiny', dict(num_experts=8, top_k=1)),
@@ -52,6 +52,8 @@ def main() -> None:
                         help="also compare torch.compile'd MoE with the compiled dense twin and with eager MoE")
     parser.add_argument('--device', default='cpu', help="cpu (fp32, three models) or cuda (bf16, MoE vs dense twin)")
     parser.add_argument('--compiled-only', action='store_true', help="cuda: time only the compiled train step")
+    parser.add_argument('--expert-path', help="cuda: also time the MoE model with this expert path pinned (e.g. "
+                        "triton), interleaved with the default path in one process: the A/B a kernel must win by 5 %%")
     args = parser.parse_args()
     if args.device.startswith('cuda'):
         main_cuda(args)
@@ -150,7 +152,8 @@ def run_compiled(batch: int, rounds: int, repeats: int = 1) -> list:
     return rows
 
 
-def cuda_step(model, x, y, train: bool) -> None:
+def cuda_step(model, x, y, train: bool, path=None) -> None:
+    set_expert_path(path)  # each model of an interleaved A/B runs on its own expert path
     with torch.autocast('cuda', dtype=torch.bfloat16):
         if train:
             train_step(model, x, y)
@@ -169,8 +172,9 @@ def main_cuda(args) -> None:
         "ratio of median times, each the median over repeats; the range is over repeats. Target: the compiled train "
         "step at most 1.25x the compiled dense twin.",
         '',
-        '| batch | mode | MoE img/s | dense img/s | MoE / dense | range |',
-        '|---|---|---|---|---|---|',
+        '| batch | mode | MoE img/s | dense img/s | MoE / dense | range |' + (
+            f' {args.expert_path} / default | range |' if args.expert_path else ''),
+        '|---|---|---|---|---|---|' + ('---|---|' if args.expert_path else ''),
     ]
     for batch in args.batch:
         torch.manual_seed(0)
@@ -180,19 +184,24 @@ def main_cuda(args) -> None:
         for compiled, train in modes:
             torch._dynamo.reset()
             models = {}
-            for label, kwargs in (('MoE', dict(num_experts=8, top_k=1)), ('dense', dict(num_experts=0))):
+            labels = (('MoE', dict(num_experts=8, top_k=1)), ('dense', dict(num_experts=0)))
+            labels += (('path', dict(num_experts=8, top_k=1)),) if args.expert_path else ()
+            for label, kwargs in labels:
                 torch.manual_seed(0)
                 model = timm.create_model('gcvimoe_tiny', **kwargs).cuda().train(train)
                 models[label] = torch.compile(model, fullgraph=True) if compiled else model
             results = []
             for _ in range(args.repeats):
-                times = interleaved_times({label: functools.partial(cuda_step, m, x, y, train)
+                times = interleaved_times({label: functools.partial(cuda_step, m, x, y, train,
+                                                                    args.expert_path if label == 'path' else None)
                                            for label, m in models.items()}, rounds=args.rounds, warmup=3)
-                results.append((median(times['MoE']), median(times['dense'])))
-            moe, dense = _median_over_repeats(results)
+                results.append(tuple(median(times[label]) for label in models))
+            moe, dense, *path = _median_over_repeats(results)
             mode = ('compiled ' if compiled else 'eager ') + ('train step' if train else 'inference')
             row = (f"| {batch} | {mode} | {batch / moe:.0f} | {batch / dense:.0f} | **{moe / dense:.3f}** "
-                   f"| {_range([m / d for m, d in results])} |")
+                   f"| {_range([r[0] / r[1] for r in results])} |")
+            if path:
+                row += f" **{path[0] / moe:.3f}** | {_range([r[2] / r[0] for r in results])} |"
             print(row, flush=True)
             lines.append(row)
             write_section('model_cuda', '\n'.join(lines))  # row by row: a run stopped while compiling keeps the rest

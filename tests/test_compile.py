@@ -79,12 +79,14 @@ def test_compiled_layer_routes_where_dynamo_reads_is_exporting_as_true(monkeypat
     _assert_equal_runs(compiled, eager)
 
 
-@pytest.mark.parametrize("path", [None, "grouped_mm"], ids=["default", "gpu-path"])
+@pytest.mark.parametrize("path", [None, "grouped_mm", "triton"], ids=["default", "gpu-path", "triton"])
 def test_new_routing_does_not_recompile(path):
     """Three batches that route differently (different token counts per expert and drops) run one graph, on the
-    default path and on the GPU's (in bf16, which its grouped GEMM traces in)."""
+    default path, on the GPU's (in bf16, which its grouped GEMM traces in) and on the fused Triton kernels."""
     from gcvimoe.moe import set_expert_path
-    dtype = torch.float32 if path is None else torch.bfloat16
+    if path == "triton":
+        pytest.importorskip("triton")
+    dtype = torch.bfloat16 if path == "grouped_mm" else torch.float32
     layer = _layer("linear", 1.0, True).to(dtype)
     torch._dynamo.reset()
     compiled = torch.compile(layer, fullgraph=True, backend="aot_eager")
@@ -173,6 +175,28 @@ def test_gpu_path_compiles_fullgraph_and_equals_eager(gpu_path, router, capacity
     torch._dynamo.reset()
     compiled = _run(torch.compile(layer, fullgraph=True, backend="aot_eager"), x, params)
     eager = _run(layer, x, params)
+    torch.testing.assert_close(compiled[0], eager[0], rtol=0, atol=0)
+    for got, expected in zip(compiled[1], eager[1]):
+        torch.testing.assert_close(got, expected, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("train", [True, False], ids=["train", "eval"])
+@pytest.mark.parametrize("capacity_factor", [1.0, 0.0], ids=["capacity", "dropless"])
+@pytest.mark.parametrize("router", ROUTERS)
+def test_fused_path_compiles_fullgraph_and_equals_eager(router, capacity_factor, train):
+    """The Triton kernels are custom operators: one graph holds them, with the same results as eager."""
+    from gcvimoe.moe import set_expert_path
+    pytest.importorskip("triton")
+    previous = set_expert_path("triton")
+    try:
+        layer = _layer(router, capacity_factor, train)
+        x = torch.randn(2, 12, 8, requires_grad=True)
+        params = list(layer.parameters())
+        torch._dynamo.reset()
+        compiled = _run(torch.compile(layer, fullgraph=True, backend="aot_eager"), x, params)
+        eager = _run(layer, x, params)
+    finally:
+        set_expert_path(previous)
     torch.testing.assert_close(compiled[0], eager[0], rtol=0, atol=0)
     for got, expected in zip(compiled[1], eager[1]):
         torch.testing.assert_close(got, expected, rtol=0, atol=0)

@@ -11,7 +11,7 @@ import torch
 from gcvimoe.cli import main
 from gcvimoe.models import model_from_checkpoint, read_checkpoint
 from gcvimoe.models import create_model
-from gcvimoe.moe import MoE, collect_aux_loss
+from gcvimoe.moe import MoE, collect_aux_loss, set_expert_path
 from gcvimoe.moe import experts as experts_module
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
@@ -115,6 +115,38 @@ def test_moe_step_waits_for_the_gpu_nowhere(router, top_k, capacity_factor):
     finally:
         torch.cuda.set_sync_debug_mode(0)
     assert layer.router.weight.grad is not None and torch.isfinite(layer.router.weight.grad).all()
+
+
+@pytest.mark.parametrize("top_k, capacity_factor", [(1, 1.25), (2, 0.), (1, 0.5)])
+def test_fused_triton_path_on_cuda_equals_the_plain_path(top_k, capacity_factor):
+    """The Triton kernels compiled for the GPU: fp32 equal to the plain path, fp16 close to it, no host sync."""
+    pytest.importorskip('triton')
+    layer = MoE(256, 512, num_experts=8, top_k=top_k, capacity_factor=capacity_factor).cuda()
+    x = torch.randn(2048, 256, device='cuda')
+    results = {}
+    try:
+        for path, dtype in (('plain', torch.float32), ('triton', torch.float32), ('triton', torch.float16)):
+            set_expert_path(path)
+            layer.zero_grad()
+            tokens = x.clone().requires_grad_()
+            with torch.autocast('cuda', dtype=dtype, enabled=dtype != torch.float32):
+                out = layer(tokens)
+            out.float().square().mean().backward()
+            results[path, dtype] = (out.float(), tokens.grad, _grads(layer))
+        set_expert_path('triton')
+        torch.cuda.set_sync_debug_mode("error")
+        with torch.no_grad():
+            layer(x)
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+        set_expert_path(None)
+    reference, exact, half = (results[key] for key in (('plain', torch.float32), ('triton', torch.float32),
+                                                         ('triton', torch.float16)))
+    torch.testing.assert_close(exact[0], reference[0], atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(exact[1], reference[1], atol=1e-4, rtol=1e-4)
+    for name in reference[2]:
+        torch.testing.assert_close(exact[2][name], reference[2][name], atol=1e-3, rtol=1e-3, msg=name)
+    assert _relative_error(half[0], reference[0]) < 1e-2 and _relative_error(half[1], reference[1]) < 2e-2
 
 
 def test_dense_backbone_cuda_equals_timm():

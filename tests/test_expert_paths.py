@@ -1,5 +1,6 @@
 """Every expert path (``gcvimoe.moe.set_expert_path``) equals the plain path: outputs, input and parameter gradients,
 aux loss and statistics, for every router, with capacity and dropless, in training and evaluation."""
+import importlib.util
 import os
 import subprocess
 import sys
@@ -7,11 +8,15 @@ import sys
 import pytest
 import torch
 
+from gcvimoe import kernels
 from gcvimoe.errors import GcvimoeError
 from gcvimoe.moe import MoE
 from gcvimoe.moe.backends import EXPERT_BACKENDS, ExpertBackend, register_expert_backend, set_expert_path
 from gcvimoe.moe.dispatch import plan_dispatch, plan_sorted
 from gcvimoe.moe.router import top_k_routing
+
+
+PATHS = ('grouped_mm', 'cpu_kernel') + (('triton',) if importlib.util.find_spec('triton') else ())
 
 
 @pytest.fixture
@@ -61,7 +66,7 @@ def test_every_path_equals_the_plain_path(pinned, router, top_k, capacity_factor
     x[0, :5] = x[0, 5:10]  # tied router probabilities: batch priority must keep token order among equals
     grad = torch.randn(2, 37, 16)
     reference = _run(layer, x, grad, 'plain')
-    for path in ('grouped_mm', 'cpu_kernel'):
+    for path in PATHS:
         out, x_grad, grads, aux, stats, losses = _run(layer, x, grad, path)
         torch.testing.assert_close(out, reference[0], atol=1e-5, rtol=1e-5, msg=path)
         torch.testing.assert_close(x_grad, reference[1], atol=1e-5, rtol=1e-5, msg=path)
@@ -155,3 +160,32 @@ def test_half_precision_router_takes_no_fp32_copy_of_the_tokens():
     assert logits.dtype == torch.float32 and x.grad.dtype == torch.bfloat16
     assert router.weight.grad.dtype == torch.float32
     assert not [made for made in Outputs.made if made[1:] == (torch.float32, (256, 64))], Outputs.made
+
+
+@pytest.mark.skipif(not importlib.util.find_spec('triton'), reason="Triton is not installed")
+@pytest.mark.parametrize('top_k, capacity_factor', [(1, 1.25), (2, 0.0)])
+def test_the_fused_path_draws_the_same_expert_dropout(pinned, top_k, capacity_factor):
+    """With kernels off, the ``grouped_mm`` path drops hidden units with ``nn.Dropout`` on the same sorted rows: one
+    seed gives the fused path the same mask, so outputs and gradients match under dropout too."""
+    torch.manual_seed(0)
+    layer = MoE(16, 24, num_experts=4, top_k=top_k, capacity_factor=capacity_factor, expert_dropout=0.3).train()
+    x, grad = torch.randn(2, 37, 16), torch.randn(2, 37, 16)
+    with kernels.enabled_only(False):
+        reference = _run(layer, x, grad, 'grouped_mm')
+        out, x_grad, grads, *_ = _run(layer, x, grad, 'triton')
+    assert not torch.equal(reference[0], _run(layer.eval(), x, grad, 'grouped_mm')[0])  # dropout acted
+    torch.testing.assert_close(out, reference[0], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(x_grad, reference[1], atol=1e-5, rtol=1e-5)
+    for name, value in grads.items():
+        torch.testing.assert_close(value, reference[2][name], atol=1e-5, rtol=1e-5, msg=name)
+
+
+def test_the_fused_path_is_never_chosen_unpinned_and_says_where_it_cannot_run(pinned, monkeypatch):
+    """A kernel becomes a default only after a GPU measures it faster: unpinned, CPU tokens take another path; pinned
+    without CUDA or the interpreter, it is one clear error."""
+    from gcvimoe.moe import backends
+    assert backends.choose_expert_backend(torch.randn(4, 8), MoE(8, 16, num_experts=2).experts) is not backends.EXPERT_BACKENDS["triton"]
+    monkeypatch.delenv('TRITON_INTERPRET', raising=False)
+    set_expert_path('triton')
+    with pytest.raises(GcvimoeError, match="expert path 'triton' cannot run cpu tokens"):
+        MoE(8, 16, num_experts=2)(torch.randn(4, 8))

@@ -71,3 +71,31 @@ def test_gpu_path_step_stays_within_its_measured_cost(grouped_path):
     assert flops == dense_flops + 6 * t * d * e + 3 * 2 * t * 8 * h + 6 * t * e * d + 2 * t * d
     inference, _, _ = count_step(moe, x, grad, train=False)
     assert inference.launches <= 23 and inference.syncs == 0
+
+
+@pytest.fixture
+def fused_path():
+    pytest.importorskip('triton')
+    previous = set_expert_path('triton')
+    yield
+    set_expert_path(previous)
+
+
+def test_fused_path_step_stays_within_the_issue_targets(fused_path):
+    """The fused path (its kernels interpreted here, each one op) at a small size: a train step within 30 ops forward
+    and 30 backward, inference within 20, no host sync, no atomics, and the GEMM FLOPs of the dense MLP plus the
+    router (forward and its two gradients) and the gates' gradient: the kernels do no padded or extra work."""
+    import moe_cost
+    moe_cost._add_fused_formulas()
+    args = argparse.Namespace(dim=32, hidden=64, experts=4, top_k=1, tokens=512, capacity=1.25)
+    dense, moe, x, grad = build(args)
+    _, _, dense_flops = count_step(dense, x, grad, train=True)
+    forward, backward, flops = count_step(moe, x, grad, train=True)
+    assert {'rows_gemm', 'rows_gemm_gate_grad', 'expert_weight_grad'} <= set(forward.counts() + backward.counts())
+    assert forward.launches <= 30 and backward.launches <= 30, (forward.sequence, backward.sequence)
+    assert forward.syncs == backward.syncs == 0
+    assert not {'index_add', 'index_add_', 'scatter_add', 'scatter_add_'} & set(forward.counts() + backward.counts())
+    t, d, h, e = args.tokens, args.dim, args.hidden, args.experts
+    assert flops == dense_flops + 6 * t * d * e + 2 * t * h  # the gate's gradient: a dot over each row's hidden values
+    inference, _, _ = count_step(moe, x, grad, train=False)
+    assert inference.launches <= 20 and inference.syncs == 0

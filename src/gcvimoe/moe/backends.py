@@ -6,6 +6,8 @@
 - ``plain``: the kept assignments compacted per expert (:func:`~gcvimoe.moe.dispatch.plan_dispatch`) and one GEMM
   per expert, as custom operators that ``torch.compile`` keeps whole; any device and dtype.
 - ``cpu_kernel``: the compacted plan and the chunked CPU kernel of :mod:`gcvimoe.kernels` (eager CPU runs).
+- ``triton``: the sorted plan and the fused kernels of :mod:`gcvimoe.moe.fused` (the gather, activation, gate and
+  combine inside the GEMMs). Never chosen automatically until a GPU measures it faster end to end; pin it.
 
 Without a choice the layer takes the first backend, in the order above, that is the best for the tokens' device;
 ``GCVIMOE_EXPERT_PATH=NAME`` in the environment, or :func:`set_expert_path`, pins one, and a pinned backend that
@@ -22,6 +24,7 @@ from gcvimoe import kernels
 from gcvimoe.errors import GcvimoeError, did_you_mean
 from gcvimoe.moe.dispatch import DispatchPlan, SortedPlan, plan_dispatch, plan_sorted
 from gcvimoe.moe.experts import Experts, _grouped_mm_supported
+from gcvimoe.moe.fused import forward_fused, fused_runs_on
 from gcvimoe.moe.router import Routing
 
 Plan = Union[DispatchPlan, SortedPlan]
@@ -38,10 +41,12 @@ class ExpertBackend:
             must offer ``requested_per_expert``, ``tokens_per_expert`` and ``kept_per_token(t)`` for the statistics.
         preferred: Whether this backend is the best one for these tokens (picked when nothing is pinned).
         runs_on: Whether it can run these tokens and experts at all (checked when pinned).
+        where: Where it runs, for the error when ``runs_on`` says no.
     """
     run: Callable[[Experts, Tensor, Routing, int, Optional[int], bool], Tuple[Tensor, Plan]]
     preferred: Callable[[Tensor, Experts], bool]
     runs_on: Callable[[Tensor, Experts], bool] = lambda tokens, experts: True
+    where: str = 'anywhere'
 
 
 def _run_grouped(experts: Experts, tokens: Tensor, routing: Routing, num_experts: int, capacity: Optional[int],
@@ -49,6 +54,14 @@ def _run_grouped(experts: Experts, tokens: Tensor, routing: Routing, num_experts
     plan = plan_sorted(routing, num_experts, capacity, batch_priority=batch_priority)
     gates = routing.gates if plan.keep is None else routing.gates * plan.keep
     return experts.forward_sorted(tokens, plan, routing.expert_index, gates), plan
+
+
+def _run_fused(experts: Experts, tokens: Tensor, routing: Routing, num_experts: int, capacity: Optional[int],
+               batch_priority: bool) -> Tuple[Tensor, Plan]:
+    plan = plan_sorted(routing, num_experts, capacity, batch_priority=batch_priority)
+    if plan.row_token is not None:  # expert choice: a token feeds any number of rows, which the kernels do not sum
+        return EXPERT_BACKENDS['plain'].run(experts, tokens, routing, num_experts, capacity, batch_priority)
+    return forward_fused(experts, tokens, plan, routing.gates), plan
 
 
 def _run_compacted(kernel: bool):
@@ -80,11 +93,15 @@ def register_expert_backend(name: str, backend: ExpertBackend) -> ExpertBackend:
 
 
 register_expert_backend('grouped_mm', ExpertBackend(_run_grouped, _grouped_mm_preferred,
-                                                    runs_on=lambda tokens, experts: experts.local_experts_only))
+                                                    runs_on=lambda tokens, experts: experts.local_experts_only,
+                                                    where='experts in one process'))
 register_expert_backend('cpu_kernel', ExpertBackend(
     _run_compacted(kernel=True), lambda tokens, experts: kernels.enabled('expert_mlp') and _eager_cpu(tokens),
-    runs_on=_eager_cpu))
+    runs_on=_eager_cpu, where='eager CPU only, experts in one process'))
 register_expert_backend('plain', ExpertBackend(_run_compacted(kernel=False), lambda tokens, experts: True))
+register_expert_backend('triton', ExpertBackend(
+    _run_fused, lambda tokens, experts: False, runs_on=fused_runs_on,
+    where='Triton installed, CUDA or TRITON_INTERPRET=1, experts in one process, a GELU activation'))
 
 _pinned: Optional[str] = None
 
@@ -119,7 +136,7 @@ def choose_expert_backend(tokens: Tensor, experts: Experts) -> ExpertBackend:
     if name is not None:
         backend = EXPERT_BACKENDS[name]
         if not backend.runs_on(tokens, experts):
-            raise GcvimoeError(f"expert path {name!r} cannot run {tokens.device.type} tokens here (eager CPU only, or "
-                               f"experts spread over processes); unset {ENV_VARIABLE} or pick another path")
+            raise GcvimoeError(f"expert path {name!r} cannot run {tokens.device.type} tokens here ({backend.where}); "
+                               f"unset {ENV_VARIABLE} or pick another path")
         return backend
     return next(backend for backend in EXPERT_BACKENDS.values() if backend.preferred(tokens, experts))
