@@ -4,6 +4,7 @@
     python benchmarks/moe_cost.py --top-k 2 --tokens 4096 --no-write
     python benchmarks/moe_cost.py --no-compile       # skip the inductor kernel count (a minute of compiling)
     python benchmarks/moe_cost.py --meta --tokens 262144   # the GPU benchmark's size in bf16, shapes only (no values)
+    TRITON_INTERPRET=1 python benchmarks/moe_cost.py --path triton   # the fused kernels (on the CPU: interpreted)
 
 The MoE layer runs its GPU expert path (``grouped_mm``, pinned with ``gcvimoe.moe.set_expert_path``) eagerly in fp32;
 the dense side is timm's ``Mlp`` of the same widths. A train step is the forward, a loss ``(y * g).sum()`` (plus the
@@ -14,6 +15,7 @@ inductor generates for the step in bf16 (``torch._inductor.metrics.generated_ker
 """
 import argparse
 import copy
+import os
 
 import torch
 from timm.layers import Mlp
@@ -44,8 +46,29 @@ def _addmm_in_place_flops(self_shape, a_shape, b_shape, *args, out_shape=None, *
     return 2 * a_shape[0] * a_shape[1] * b_shape[1]
 
 
-# torch's counter has no formula for the grouped GEMM, nor for addmm written in place
+def _rows_gemm_flops(a_shape, w_shape, *args, out_shape=None, **kwargs) -> int:
+    """Every row of the plan (``assignment``, the 5th argument) meets one expert's ``[k, m]``."""
+    return 2 * args[2][0] * w_shape[1] * w_shape[2]
+
+
+def _gate_grad_flops(grad_shape, w_shape, bias, gates, pre_shape, *args, out_shape=None, **kwargs) -> int:
+    """fc2's input-gradient GEMM, and the gate's dot product over each row's hidden values."""
+    return 2 * pre_shape[0] * w_shape[1] * w_shape[2] + 2 * pre_shape[0] * pre_shape[1]
+
+
+def _weight_grad_flops(a_shape, b_shape, gates, assignment_shape, *args, out_shape=None, **kwargs) -> int:
+    return 2 * assignment_shape[0] * a_shape[1] * b_shape[1]
+
+
+# torch's counter has no formula for the grouped GEMM, nor for addmm written in place, nor for our fused kernels
 FLOP_FORMULAS = {torch.ops.aten._grouped_mm: _grouped_mm_flops, torch.ops.aten.addmm_: _addmm_in_place_flops}
+
+
+def _add_fused_formulas() -> None:
+    from gcvimoe.kernels import triton_experts  # noqa: F401  (defines the operators)
+    FLOP_FORMULAS.update({torch.ops.gcvimoe.rows_gemm: _rows_gemm_flops,
+                          torch.ops.gcvimoe.rows_gemm_gate_grad: _gate_grad_flops,
+                          torch.ops.gcvimoe.expert_weight_grad: _weight_grad_flops})
 
 
 def count_step(layer, x, grad, train: bool):
@@ -109,7 +132,7 @@ def _mb(value: float) -> str:
 
 def table(args) -> str:
     dense, moe, x, grad = build(args)
-    set_expert_path('grouped_mm')
+    set_expert_path(args.path)
     rows, tops = [], []
     for train in (True, False):
         counts = {}
@@ -133,13 +156,21 @@ def table(args) -> str:
     set_expert_path(None)
     where = "bf16, shapes only on the meta device" if args.meta else "fp32 on the CPU"
     header = (f"D {args.dim}, H {args.hidden}, E {args.experts}, k {args.top_k}, T {args.tokens}, capacity "
-              f"{args.capacity}, {where}, expert path `grouped_mm` (the GPU's op sequence); {machine()}")
+              f"{args.capacity}, {where}, expert path `{args.path}`{PATH_NOTES[args.path]}; {machine()}")
     return '\n'.join([
-        f"## One MoE layer step, counted (`benchmarks/moe_cost.py{' --meta' if args.meta else ''}`)", "", header, "",
+        f"## One MoE layer step, counted (`benchmarks/moe_cost.py{_flags(args)}`)", "", header, "",
         "| step | layer | ops forward | ops backward | views | MB moved | bytes vs dense | GEMM GFLOP | host syncs "
         "| compiled kernels |",
         "|---|---|---|---|---|---|---|---|---|---|", *rows, "",
         "The ten ops of the MoE step that move the most bytes (op, launches, MB):", *tops, ""])
+
+
+PATH_NOTES = {'grouped_mm': " (the GPU's op sequence)",
+              'triton': " (the fused Triton kernels; on the CPU through Triton's interpreter, each kernel one op)"}
+
+
+def _flags(args) -> str:
+    return (' --meta' if args.meta else '') + ('' if args.path == 'grouped_mm' else f' --path {args.path}')
 
 
 def main():
@@ -153,11 +184,18 @@ def main():
     parser.add_argument('--meta', action='store_true', help="count in bf16 on the meta device (no compiled column)")
     parser.add_argument('--no-compile', dest='compile', action='store_false')
     parser.add_argument('--no-write', dest='write', action='store_false')
+    parser.add_argument('--path', choices=sorted(PATH_NOTES), default='grouped_mm', help="the expert path counted")
     args = parser.parse_args()
+    if args.path == 'triton':
+        if not torch.cuda.is_available() and os.environ.get('TRITON_INTERPRET') != '1':
+            parser.error("--path triton without a GPU needs TRITON_INTERPRET=1 in the environment (Triton reads it "
+                         "when it is imported)")
+        _add_fused_formulas()
     body = table(args)
     print(body)
     if args.write:
-        write_section('moe_cost' + ('_meta' if args.meta else ''), body)
+        write_section('moe_cost' + ('_meta' if args.meta else '') + ('' if args.path == 'grouped_mm' else f'_{args.path}'),
+                      body)
 
 
 if __name__ == '__main__':
