@@ -86,13 +86,12 @@ def test_resume_with_no_epochs_left_says_so_and_leaves_the_run(dropping_run, tmp
         assert yaml.safe_load((output / "config.yaml").read_text())["epochs"] == 2
 
 
-@pytest.mark.parametrize("compile_mode", ["true", "regional"])
-def test_compile_with_channels_last_and_grad_checkpointing_is_refused_up_front(compile_mode, data_dir, tmp_path,
-                                                                                capsys, monkeypatch):
+def test_compile_with_channels_last_and_grad_checkpointing_is_refused_up_front(data_dir, tmp_path, capsys,
+                                                                                monkeypatch):
     def never(*args, **kwargs):
         raise AssertionError("the data was read before the refusal")
     monkeypatch.setattr("gcvimoe.train.build._build_data", never)
-    code, _, err = cli(capsys, "train", *TINY, "--compile", compile_mode, "--channels-last", "--grad-checkpointing",
+    code, _, err = cli(capsys, "train", *TINY, "--compile", "--channels-last", "--grad-checkpointing",
                        "--data-dir", str(data_dir), "--output", str(tmp_path / "run"))
     assert_one_error_line(code, err, "--compile", "--channels-last", "--grad-checkpointing")
     assert not (tmp_path / "run").exists()
