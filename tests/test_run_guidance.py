@@ -71,19 +71,28 @@ def test_advice_threshold_and_warmup(epoch, warmup, dropped, advised, caplog):
     assert run.drops_advised is advised
 
 
-def test_resume_with_no_epochs_left_says_so_and_leaves_the_run(dropping_run, tmp_path, capsys):
+def test_resume_with_fewer_epochs_than_done_says_so_and_leaves_the_run(dropping_run, tmp_path, capsys):
     output = tmp_path / "run"
     shutil.copytree(dropping_run[0], output)
     before = {path.name: path.read_bytes() for path in output.iterdir() if path.is_file()}
-    for epochs in ("1", "2"):
-        code, out, err = cli(capsys, "train", "--epochs", epochs, "--resume", "auto", "--output", str(output))
-        assert code == 0, err
-        lines = [line for line in out.splitlines() if line.strip()]
-        assert len(lines) == 1, out
-        assert "already trained 2 epochs" in lines[0] and f"of the {epochs} requested" in lines[0], out
-        assert "--epochs above 2" in lines[0]
-        assert {path.name: path.read_bytes() for path in output.iterdir() if path.is_file()} == before
-        assert yaml.safe_load((output / "config.yaml").read_text())["epochs"] == 2
+    code, out, err = cli(capsys, "train", "--epochs", "1", "--resume", "auto", "--output", str(output))
+    assert code == 0, err
+    lines = [line for line in out.splitlines() if line.strip()]
+    assert len(lines) == 1, out
+    assert "already trained 2 epochs of the 1 requested" in lines[0] and "--epochs above 2" in lines[0]
+    assert {path.name: path.read_bytes() for path in output.iterdir() if path.is_file()} == before
+    assert yaml.safe_load((output / "config.yaml").read_text())["epochs"] == 2
+
+
+def test_resume_with_the_epochs_done_says_so_and_finishes_the_run_folder(dropping_run, tmp_path, capsys):
+    """A kill after the last checkpoint but before the model folder: resuming completes the folder."""
+    output = tmp_path / "run"
+    shutil.copytree(dropping_run[0], output)
+    shutil.rmtree(output / "model")
+    code, out, err = cli(capsys, "train", "--resume", "auto", "--output", str(output))
+    assert code == 0, err
+    assert "all 2 epochs were already trained" in out
+    assert (output / "model" / "model.safetensors").is_file()
 
 
 def test_compile_with_channels_last_and_grad_checkpointing_is_refused_up_front(data_dir, tmp_path, capsys,

@@ -85,7 +85,7 @@ def train(cfg: TrainConfig, resume: Optional[Dict[str, Any]] = None, callbacks: 
     threads = torch.get_num_threads()
     info = init_distributed(cfg.device, parse_duration("dist_timeout", cfg.dist_timeout))
     try:
-        if resume is not None and resume["epoch"] >= cfg.epochs + cfg.cooldown_epochs:
+        if resume is not None and resume["epoch"] > cfg.epochs + cfg.cooldown_epochs:
             return _already_trained(cfg, resume, info)
         run = build_run(cfg, info, resumed=resume is not None, callbacks=callbacks, origins=origins)
         check_output_dir(run.output_dir, resumed=resume is not None, overwrite=run.cfg.overwrite)
@@ -103,8 +103,9 @@ def train(cfg: TrainConfig, resume: Optional[Dict[str, Any]] = None, callbacks: 
 
 
 def _already_trained(cfg: TrainConfig, resume: Dict[str, Any], info: DistInfo) -> TrainResult:
-    """A resume asked for no more epochs than the checkpoint has: one line, and the run folder (config.yaml included)
-    stays as it is, so it keeps describing the run that produced it."""
+    """A resume asked for fewer epochs than the checkpoint has: one line, and the run folder (config.yaml included)
+    stays as it is, so it keeps describing the run that produced it. (Asking for exactly the epochs done finishes the
+    run folder instead: a kill between the last checkpoint and the model folder must be able to complete it.)"""
     done, requested = resume["epoch"], cfg.epochs + cfg.cooldown_epochs
     if info.is_primary:
         print(f"resume: {cfg.output} has already trained {done} epochs of the {requested} requested: nothing to "
@@ -128,6 +129,8 @@ def fit(run: Run, state: TrainState, resumed: bool) -> TrainResult:
     with log_to(run.output_dir, run.info, append=resumed), \
             scalar_log(run.output_dir, run.info, run.cfg, _first_step(run, state) if resumed else None) as writer:
         log_header(run, state)
+        if resumed and state.epoch >= run.total_epochs:
+            _logger.info("all %d epochs were already trained: writing the model folder and figures again", state.epoch)
         prepare_data(run, resumed)
         eval_result: Dict[str, Any] = {}
         initial_eval = _initial_evaluation(run) if run.cfg.initial_checkpoint and not resumed else None
