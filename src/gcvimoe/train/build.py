@@ -50,6 +50,7 @@ def build_run(cfg: TrainConfig, info: DistInfo, resumed: bool, callbacks: Sequen
         callbacks: Handed to the run.
         origins: Where each non-default config value came from, for the header.
     """
+    check_compile_combination(cfg)
     cfg, initial, initial_notes = _initial_checkpoint(cfg, resumed)
     origin_notes = [f"{key} {_short(value)} (from {origin})" for key, value, origin in _origin_items(cfg, origins)]
     cfg, data_cfg, data_notes = derive_from_data(cfg)
@@ -248,6 +249,15 @@ def wrap(run: Run) -> None:
     elif run.cfg.compile:
         check_compile_supported(run.info.device)
         run.train_model = torch.compile(run.train_model)
+
+
+def check_compile_combination(cfg: TrainConfig) -> None:
+    """One line before any data is read, instead of the inductor error a training run met with this combination
+    (``cannot determine truth value of Relational``)."""
+    if cfg.compile is True and cfg.channels_last and cfg.grad_checkpointing:
+        raise GcvimoeError("--compile cannot be combined with both --channels-last and --grad-checkpointing (the "
+                           "compiler fails on them together); drop --channels-last or --grad-checkpointing, or train "
+                           "without --compile")
 
 
 def check_compile_supported(device: torch.device) -> None:

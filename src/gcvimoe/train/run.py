@@ -66,6 +66,7 @@ class Run:
     callbacks: Sequence['Callback'] = ()
     notes: List[str] = field(default_factory=list)  # header lines: where the initial weights came from, ...
     preemption: Optional[Preemption] = None
+    drops_advised: bool = False  # the advice on dropped tokens is given once per run
 
     @property
     def expert_parallel(self) -> bool:

@@ -40,6 +40,7 @@ import math
 import time
 from contextlib import nullcontext
 from functools import partial
+from pathlib import Path
 from typing import Any, Dict, Optional, Sequence
 
 import torch
@@ -84,6 +85,8 @@ def train(cfg: TrainConfig, resume: Optional[Dict[str, Any]] = None, callbacks: 
     threads = torch.get_num_threads()
     info = init_distributed(cfg.device, parse_duration("dist_timeout", cfg.dist_timeout))
     try:
+        if resume is not None and resume["epoch"] > cfg.epochs + cfg.cooldown_epochs:
+            return _already_trained(cfg, resume, info)
         run = build_run(cfg, info, resumed=resume is not None, callbacks=callbacks, origins=origins)
         check_output_dir(run.output_dir, resumed=resume is not None, overwrite=run.cfg.overwrite)
         state = restore(resume, run) if resume is not None else TrainState()
@@ -97,6 +100,19 @@ def train(cfg: TrainConfig, resume: Optional[Dict[str, Any]] = None, callbacks: 
     finally:
         cleanup(info)
         torch.set_num_threads(threads)
+
+
+def _already_trained(cfg: TrainConfig, resume: Dict[str, Any], info: DistInfo) -> TrainResult:
+    """A resume asked for fewer epochs than the checkpoint has: one line, and the run folder (config.yaml included)
+    stays as it is, so it keeps describing the run that produced it. (Asking for exactly the epochs done finishes the
+    run folder instead: a kill between the last checkpoint and the model folder must be able to complete it.)"""
+    done, requested = resume["epoch"], cfg.epochs + cfg.cooldown_epochs
+    if info.is_primary:
+        print(f"resume: {cfg.output} has already trained {done} epochs of the {requested} requested: nothing to "
+              f"train, the run folder is left as it is; to train longer, pass --epochs above {done - cfg.cooldown_epochs}")
+    best = resume.get("best", {})
+    return TrainResult(Path(cfg.output), list(resume.get("history", [])), best.get("top1", -1.0), best.get("epoch", 0),
+                       0.0, {})
 
 
 def fit(run: Run, state: TrainState, resumed: bool) -> TrainResult:
@@ -113,6 +129,8 @@ def fit(run: Run, state: TrainState, resumed: bool) -> TrainResult:
     with log_to(run.output_dir, run.info, append=resumed), \
             scalar_log(run.output_dir, run.info, run.cfg, _first_step(run, state) if resumed else None) as writer:
         log_header(run, state)
+        if resumed and state.epoch >= run.total_epochs:
+            _logger.info("all %d epochs were already trained: writing the model folder and figures again", state.epoch)
         prepare_data(run, resumed)
         eval_result: Dict[str, Any] = {}
         initial_eval = _initial_evaluation(run) if run.cfg.initial_checkpoint and not resumed else None
@@ -153,7 +171,24 @@ def run_epoch(run: Run, state: TrainState, epoch: int, writer: ScalarLog) -> Dic
     writer.add("epoch", epoch + 1, {**{key: value for key, value in row.items() if key != "epoch"},
                                     **expert_load_scalars(eval_result["experts"], "eval_experts")})
     _log_epoch(row, run.total_epochs, time.perf_counter() - epoch_start, unreadable)
+    _advise_on_drops(run, epoch, row["dropped_fraction"])
     return eval_result
+
+
+DROPPED_ADVICE_THRESHOLD = 0.10  # above it, capacity cuts enough tokens to cost accuracy, beyond the usual few %
+
+
+def _advise_on_drops(run: Run, epoch: int, dropped_fraction: float) -> None:
+    """One line per run when an epoch after warmup dropped more token-to-expert assignments than the threshold."""
+    after_warmup = epoch >= (run.cfg.warmup_epochs or 0)
+    if run.drops_advised or not after_warmup or dropped_fraction <= DROPPED_ADVICE_THRESHOLD:
+        return
+    run.drops_advised = True
+    _logger.info("note: epoch %d dropped %.1f%% of token-to-expert assignments after warmup (above %.0f%%: the "
+                 "experts' capacity is cutting tokens); raise --capacity-factor (now %g), train dropless with "
+                 "--capacity-factor 0, or balance the experts harder with a larger --aux-loss-weight (now %g)",
+                 epoch + 1, 100 * dropped_fraction, 100 * DROPPED_ADVICE_THRESHOLD, run.cfg.moe.capacity_factor,
+                 run.cfg.moe.aux_loss_weight)
 
 
 def train_one_epoch(run: Run, state: TrainState, epoch: int, writer: Optional[ScalarLog] = None
