@@ -66,3 +66,15 @@ def test_push_without_a_token_is_one_line_and_touches_no_network(run_dir, tmp_pa
 def test_a_folder_that_is_not_a_run_is_one_line(tmp_path, capsys):
     code, err = run_cli(capsys, "convert", "hub", str(tmp_path), "--output", str(tmp_path / "hub"))
     assert_one_error_line(code, err, "summary.csv", "--output folder")
+
+
+def test_info_checkpoint_describes_the_file_as_the_model_name_would(run_dir, capsys):
+    import json
+
+    from gcvimoe.models.info import model_info
+
+    code, out, err = cli(capsys, "info", "--checkpoint", str(run_dir / "best.pth"), "--json")
+    assert code == 0, err
+    expected = model_info("gcvimoe_nano", embed_dim=16, num_classes=3, in_chans=3, img_size=32, num_experts=4,
+                          top_k=2)
+    assert {k: v for k, v in json.loads(out).items()} == {**expected.__dict__, "input_size": [3, 32, 32]}

@@ -30,7 +30,7 @@ from gcvimoe.data import (
 from gcvimoe.errors import GcvimoeError, did_you_mean
 from gcvimoe.models import Checkpoint, build_model, experts_per_layer, load_initial_weights, read_checkpoint
 from gcvimoe.moe import moe_layers
-from gcvimoe.moe.parallel import is_expert_parallel
+from gcvimoe.moe.parallel import is_expert_parallel, whole_model_parameters
 from gcvimoe.train.config import TrainConfig, scaled_lr
 from gcvimoe.train.distributed import DistInfo, check_expert_parallel_optimizer, shard_experts, wrap_model
 from gcvimoe.train.recipe import DERIVED_RECIPE, derive_recipe
@@ -265,7 +265,7 @@ def log_header(run: Run, state: TrainState) -> None:
     cfg, info, data_cfg = run.cfg, run.info, run.data_cfg
     if cfg.amp and info.device.type != "cuda":
         _logger.info("amp: mixed precision needs a GPU; training in float32 on %s", info.device)
-    num_params = sum(p.numel() for p in run.model.parameters())
+    num_params = whole_model_parameters(run.model)
     _logger.info(
         "model %s: %.2fM parameters | data %s: %d train / %d val images, %d classes, %dx%d px, %d channel(s) | "
         "%d process(es) on %s, global batch %d, lr %.3g | output %s",
