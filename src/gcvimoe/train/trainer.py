@@ -108,7 +108,9 @@ def fit(run: Run, state: TrainState, resumed: bool) -> TrainResult:
                         * (1 if resumed else 2), run.info)  # room for the new file beside the old (last and best)
     if run.info.is_primary:
         run.output_dir.mkdir(parents=True, exist_ok=True)
-        save_config(dataclasses.replace(run.cfg, output=str(run.output_dir)), run.output_dir / "config.yaml")
+        # the absolute data path, so that the folder's config and checkpoints find the data from anywhere
+        save_config(dataclasses.replace(run.cfg, output=str(run.output_dir), data_dir=run.data_cfg.data_dir
+                                        if run.cfg.data_dir else ""), run.output_dir / "config.yaml")
         if resumed:
             repair_after_kill(run.output_dir, state)
     with log_to(run.output_dir, run.info, append=resumed), \
