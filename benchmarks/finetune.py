@@ -17,6 +17,13 @@ two at a time, one thread each.
 
     python benchmarks/finetune.py                          # 12000 train / 2000 test images, 3 + 3 epochs
     python benchmarks/finetune.py --train-images 60000 --test-images 10000 --pretrain-epochs 6 --finetune-epochs 6
+
+``--from-timm`` runs the fine-tune recipe's check instead (section ``finetune_timm``): dense weights pre-trained here
+on one half of Fashion-MNIST's classes, saved as a timm ``gcvit_xxtiny`` state dict, then fine-tuned on the other
+half, both as 64 px RGB folders, by ``gcvimoe train --data-dir D --initial-checkpoint F --epochs 3`` (no ``-c``:
+the fine-tune recipe) and by the same command with ``-c gcvimoe_tiny`` (the from-scratch ImageNet recipe).
+
+    python benchmarks/finetune.py --from-timm                # 2500 pre-training, 1000 + 500 fine-tuning images
 """
 import argparse
 import csv
@@ -48,6 +55,9 @@ def parse_args():
     parser.add_argument("--output", default="runs/finetune")
     parser.add_argument("--data-dir", help="Fashion-MNIST IDX files (default: the Debian package's folder)")
     parser.add_argument("--no-report", action="store_true", help="do not rewrite benchmarks/RESULTS.md")
+    parser.add_argument("--from-timm", action="store_true",
+                        help="the fine-tune recipe from a timm gcvit_xxtiny state dict against -c gcvimoe_tiny")
+    parser.add_argument("--pretrain-images", type=int, default=2500, help="--from-timm: pre-training images")
     return parser.parse_args()
 
 
@@ -160,6 +170,9 @@ def report(results: dict, args) -> str:
 
 def main():
     args = parse_args()
+    if args.from_timm:
+        from finetune_timm import main as from_timm
+        return from_timm(args)
     out = Path(args.output)
     out.mkdir(parents=True, exist_ok=True)
     data = write_folder(fashion_mnist_dir(args.data_dir or ""), out / "data", args.train_images, args.test_images)

@@ -213,3 +213,23 @@ def test_callbacks_get_every_micro_batch_in_order_with_its_own_loss(data_dir, tm
         assert sum(r["aux_loss"] for r in records) / BATCHES == pytest.approx(row["train_aux_loss"], rel=1e-6)
         assert records[-1]["lr"] == row["lr"]
         assert all(a["lr"] != b["lr"] for a, b in zip(records, records[1:]))  # a new LR every update
+
+
+def test_a_resumed_epoch_counts_only_the_images_it_trained_for_its_throughput(monkeypatch):
+    """An epoch resumed after 30 of its 40 micro-batches: 10 batches of 8 images in 2 s are 40 img/s, not the 320
+    images of the whole epoch over those 2 s."""
+    from gcvimoe.moe import MoEReport
+    from gcvimoe.train import progress
+    from gcvimoe.train.distributed import DistInfo
+
+    clock = iter([100.0, 102.0])
+    monkeypatch.setattr(progress.time, "perf_counter", lambda: next(clock))
+    meter = progress.StepMeter(torch.nn.Linear(2, 2), DistInfo(device=torch.device("cpu")), num_batches=40,
+                               interval=40, epoch=0, total_epochs=1)
+    meter.resume(30, [[30 * 8 * 0.5, 0.0, 30 * 8.0]], rank=0)
+    for _ in range(10):
+        meter.update(torch.tensor(0.5), torch.tensor(0.0), 8, MoEReport(torch.tensor(0.0), {}, {}), 1e-3)
+    meter.read(39)
+    stats, _ = meter.epoch_stats()
+    assert stats["images_per_s"] == pytest.approx(80 / 2.0)
+    assert stats["train_loss"] == pytest.approx(0.5)

@@ -9,7 +9,7 @@ import torch.multiprocessing as mp
 from gcvimoe.moe import MoE
 from gcvimoe.moe.parallel import (
     ExpertParallelExperts, gather_expert_optimizer_state, gather_expert_state_dict, is_expert_parallel,
-    shard_expert_optimizer_state, shard_expert_state_dict, shard_experts_,
+    shard_expert_optimizer_state, shard_expert_state_dict, shard_experts_, whole_model_parameters,
 )
 
 WORLD_SIZE = 2
@@ -45,6 +45,9 @@ def _check_case(rank, options):
     parallel.zero_grad()
     assert isinstance(parallel.experts, ExpertParallelExperts)
     assert parallel.experts.num_experts == options['num_experts'] // WORLD_SIZE
+    # a header counts the whole layer, not this process's share
+    assert whole_model_parameters(parallel) == sum(p.numel() for p in reference.parameters())
+    assert sum(p.numel() for p in parallel.parameters()) < sum(p.numel() for p in reference.parameters())
     x = inputs[rank].clone().requires_grad_()
     out = parallel(x)
     out.backward(grads[rank])

@@ -5,6 +5,7 @@ safetensors or ONNX; write an image folder as tar shards.
     gcvimoe convert export --checkpoint output/digits/best.pth --output digits_model     # a folder timm loads
     gcvimoe convert export --checkpoint output/digits/best.pth --output digits.safetensors
     gcvimoe convert onnx --checkpoint output/digits/best.pth --output digits.onnx
+    gcvimoe convert hub output/digits --output hub/digits     # + a model card; --push-to-hub me/digits uploads it
     gcvimoe convert shards data/flowers shards/flowers --images-per-shard 1000   # then --data-dir shards/flowers
 """
 import argparse
@@ -46,6 +47,15 @@ def configure(parser: argparse.ArgumentParser) -> None:
     onnx.add_argument('--checkpoint', required=True)
     onnx.add_argument('--output', required=True)
     onnx.add_argument('--no-check', action='store_true', help='skip comparing onnxruntime with PyTorch')
+    hub = sub.add_parser('hub', help='write a training run as a Hugging Face Hub folder: the model folder timm loads '
+                                     'and a model card (README.md) with the run\'s recipe and results')
+    hub.add_argument('run_dir', metavar='RUN_DIR', help='the --output folder of a gcvimoe train run')
+    hub.add_argument('--output', required=True, help='the folder to write (replaced)')
+    hub.add_argument('--use-ema', action='store_true', help='share the EMA weights of the best checkpoint')
+    hub.add_argument('--push-to-hub', metavar='REPO', default=None,
+                     help='also upload the folder to this Hub repository (needs a token and the network; nothing '
+                          'is sent without this flag)')
+    hub.add_argument('--private', action='store_true', help='create the Hub repository private')
     shards = sub.add_parser('shards', help='write an image folder (train/ and val/ class folders) as webdataset tar '
                                            'shards with _info.json (classes, shard sizes)')
     shards.add_argument('folder', help='the image folder')
@@ -89,18 +99,27 @@ def _shards(args: argparse.Namespace) -> int:
     return 0
 
 
+def _hub(args: argparse.Namespace) -> int:
+    from gcvimoe.analysis.card import push_hub_folder, write_hub_folder
+
+    path = write_hub_folder(args.run_dir, args.output, use_ema=args.use_ema, repo_id=args.push_to_hub)
+    print(f"wrote {path} (config.json, model.safetensors, README.md model card); timm loads it as "
+          f"local-dir:{path} after import gcvimoe")
+    if args.push_to_hub:
+        print(f"pushed to {push_hub_folder(path, args.push_to_hub, private=args.private)}")
+    return 0
+
+
+def _export(args: argparse.Namespace) -> int:
+    checkpoint = read_checkpoint(args.checkpoint)
+    model = model_from_checkpoint(checkpoint, use_ema=args.use_ema)
+    path = save_model(model, args.output, data_config=checkpoint.data_config)
+    print(f"wrote {path} ({model.model_name}, {sum(p.numel() for p in model.parameters()) / 1e6:.2f} M params)")
+    return 0
+
+
 def run(args: argparse.Namespace) -> int:
-    if args.action == 'shards':
-        return _shards(args)
-    if args.action == 'onnx':
-        return _onnx(args)
-    if args.action == 'export':
-        checkpoint = read_checkpoint(args.checkpoint)
-        model = model_from_checkpoint(checkpoint, use_ema=args.use_ema)
-        path = save_model(model, args.output, data_config=checkpoint.data_config)
-        print(f"wrote {path} ({model.model_name}, {sum(p.numel() for p in model.parameters()) / 1e6:.2f} M params)")
-        return 0
-    return _upcycle(args)
+    return ACTIONS[args.action](args)
 
 
 def _upcycle(args: argparse.Namespace) -> int:
@@ -130,3 +149,7 @@ def _difference_to_dense(model, dense_state_dict) -> float:
     in_chans, (height, width) = model.pretrained_cfg['input_size'][0], model.img_size
     images = torch.randn(4, in_chans, height, width, generator=torch.Generator().manual_seed(0))
     return float((model.eval()(images) - dense.eval()(images)).abs().max())
+
+
+ACTIONS = {'upcycle': _upcycle, 'export': _export, 'onnx': _onnx, 'hub': _hub, 'shards': _shards}
+"""What each ``gcvimoe convert ACTION`` runs; a new action is a subparser in :func:`configure` and an entry here."""

@@ -1,4 +1,5 @@
-"""`gcvimoe info --model MODEL`: total and active parameters, MACs per image, and where the MoE layers are."""
+"""`gcvimoe info --model MODEL` or `gcvimoe info --checkpoint FILE`: total and active parameters, MACs per image, and
+where the MoE layers are."""
 import argparse
 import json
 import warnings
@@ -6,12 +7,15 @@ from dataclasses import asdict
 
 from gcvimoe.cli._common import add_json, add_moe_options
 from gcvimoe.errors import GcvimoeError
-from gcvimoe.models.info import model_info
+from gcvimoe.models import create_model_from_checkpoint
+from gcvimoe.models.info import describe_model, model_info
 from gcvimoe.moe.config import FIELDS as MOE_FIELDS
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument('--model', dest='model_name', metavar='MODEL', help='model name, e.g. gcvimoe_tiny')
+    parser.add_argument('--checkpoint', metavar='FILE',
+                        help='describe the model a file or folder holds (a run\'s best.pth, RUN/model, .safetensors)')
     parser.add_argument('model', nargs='?', help=argparse.SUPPRESS)  # the 0.1 positional form, kept for one release
     parser.add_argument('--img-size', type=int, default=None, help='input resolution (default: the model\'s)')
     parser.add_argument('--in-chans', type=int, default=None, help='input channels (default: the model\'s)')
@@ -22,8 +26,13 @@ def configure(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     name = args.model_name or args.model
+    if args.checkpoint is not None:
+        if name is not None:
+            raise GcvimoeError("give --model or --checkpoint, not both: the checkpoint names its model")
+        info = describe_model(create_model_from_checkpoint(args.checkpoint))
+        return _print(info, args.json)
     if name is None:
-        raise GcvimoeError("name the model: gcvimoe info --model gcvimoe_tiny")
+        raise GcvimoeError("name the model: gcvimoe info --model gcvimoe_tiny (or --checkpoint FILE)")
     if args.model and not args.model_name:
         warnings.warn("gcvimoe info MODEL is deprecated; write gcvimoe info --model MODEL", FutureWarning, stacklevel=2)
     for flag in ('img_size', 'in_chans', 'num_classes'):
@@ -33,8 +42,11 @@ def run(args: argparse.Namespace) -> int:
     kwargs = {k: v for k, v in dict(img_size=args.img_size, in_chans=args.in_chans,
                                     num_classes=args.num_classes).items() if v is not None}
     kwargs.update(MOE_FIELDS.from_args(args))
-    info = model_info(name, **kwargs)  # the model's input size follows img_size and in_chans
-    if args.json:
+    return _print(model_info(name, **kwargs), args.json)  # the model's input size follows img_size and in_chans
+
+
+def _print(info, as_json: bool) -> int:
+    if as_json:
         print(json.dumps(asdict(info)))
         return 0
     print(f"model            {info.model}  (input {'x'.join(map(str, info.input_size))})")

@@ -7,6 +7,7 @@ Examples::
     gcvimoe train -c gcvimoe_tiny --data-dir /data/imagenet --output runs/tiny
     gcvimoe train -c my_recipe.yaml --print-config         # the resolved config, then exit
     gcvimoe train --output runs/tiny --resume auto         # continue runs/tiny from its last.pth
+    gcvimoe train --data-dir DIR --initial-checkpoint gcvit_xxtiny.pth   # fine-tunes with -c finetune
     torchrun --nproc_per_node 2 -m gcvimoe train -c digits
 """
 import argparse
@@ -18,7 +19,8 @@ from gcvimoe.cli._common import PlotCallback, add_moe_options
 from gcvimoe.errors import GcvimoeError
 from gcvimoe.fields import suggest_unknown_flags
 from gcvimoe.moe import config as moe_config
-from gcvimoe.train.config import CONFIG_ALIASES, FIELDS, TrainConfig, build_config, builtin_configs, config_yaml
+from gcvimoe.train.config import (
+    CONFIG_ALIASES, FIELDS, FINETUNE_CONFIG, TrainConfig, build_config, builtin_configs, config_yaml)
 from gcvimoe.train.checkpointing import find_resume_checkpoint, load_training_checkpoint
 
 _HEADINGS = {first: f"config keys: {title}" for first, title in (
@@ -55,19 +57,30 @@ def configure(parser: argparse.ArgumentParser) -> None:
     suggest_unknown_flags(parser, [*FIELDS, *moe_config.FIELDS], "see gcvimoe train --help")
 
 
+def recipe_for(args: argparse.Namespace, overrides: dict):
+    """The ``-c`` config to use and the header line that says why, when the command line did not name one: starting
+    from weights without ``-c`` fine-tunes (``-c finetune``); a resumed run keeps its own config."""
+    if args.config is None and overrides.get("initial_checkpoint") and not args.resume:
+        return FINETUNE_CONFIG, (f"recipe -c {FINETUNE_CONFIG} (picked by --initial-checkpoint without -c: short "
+                                 f"warmup, lower lr, layer decay, no CutMix/Mixup; -c NAME picks another)")
+    return args.config, None
+
+
 def config_from_args(args: argparse.Namespace):
-    """The effective config, the checkpoint to resume from (or None), and where each non-default value came from."""
+    """The effective config, the checkpoint to resume from (or None), where each non-default value came from, and
+    the header lines the command line adds."""
     overrides = {**FIELDS.from_args(args), **moe_config.FIELDS.from_args(args)}
     origins: dict = {}
-    cfg = build_config(args.config, overrides, origins=origins)
+    config, note = recipe_for(args, overrides)
+    cfg = build_config(config, overrides, origins=origins)
     checkpoint = None
     if args.resume:
         path = find_resume_checkpoint(args.resume, cfg.output)
         if path is not None:
             checkpoint = load_training_checkpoint(path)
             origins.clear()
-            cfg = build_config(args.config, overrides, base=checkpoint.get("config"), origins=origins)
-    return cfg, checkpoint, origins
+            cfg = build_config(config, overrides, base=checkpoint.get("config"), origins=origins)
+    return cfg, checkpoint, origins, [note] if note else []
 
 
 def _with_data(cfg):
@@ -80,7 +93,7 @@ def _with_data(cfg):
 
 
 def run(args: argparse.Namespace) -> int:
-    cfg, checkpoint, origins = config_from_args(args)
+    cfg, checkpoint, origins, notes = config_from_args(args)
     if args.print_config:
         print(config_yaml(cfg, _with_data(cfg)), end="")
         return 0
@@ -90,5 +103,5 @@ def run(args: argparse.Namespace) -> int:
         print(f"resume auto: no last.pth in {cfg.output}, starting a new run")
         if never_checkpointed(Path(cfg.output)):
             cfg = dataclasses.replace(cfg, overwrite=True)  # a job killed early must be able to restart
-    train(cfg, resume=checkpoint, callbacks=[PlotCallback()], origins=origins)
+    train(cfg, resume=checkpoint, callbacks=[PlotCallback()], origins=origins, notes=notes)
     return 0

@@ -2,6 +2,7 @@
 
 Evaluation and prediction rebuild from it exactly the preprocessing the model was trained with.
 """
+import os
 from dataclasses import asdict, dataclass
 from typing import Any, Dict, List, Tuple
 
@@ -10,7 +11,9 @@ from typing import Any, Dict, List, Tuple
 class DataConfig:
     """What a model needs to know about its input: saved in checkpoints, used by validate and predict.
 
-    ``dataset`` names the data source (see :mod:`gcvimoe.data.sources`), ``data_dir`` where it reads from.
+    ``dataset`` names the data source (see :mod:`gcvimoe.data.sources`), ``data_dir`` where it reads from, made
+    absolute so that a checkpoint or model folder finds its data from any working folder, and
+    ``data_dir_as_typed`` the path as the user gave it.
     """
     dataset: str
     data_dir: str
@@ -21,6 +24,7 @@ class DataConfig:
     interpolation: str
     crop_pct: float
     class_names: List[str]
+    data_dir_as_typed: str = ""
 
     @property
     def num_classes(self) -> int:
@@ -36,6 +40,13 @@ class DataConfig:
         d = dict(d)
         d["mean"], d["std"] = tuple(d["mean"]), tuple(d["std"])
         return cls(**d)
+
+
+def absolute_data_dir(data_dir: str) -> str:
+    """``data_dir`` made absolute when it is a local path or shard pattern; URLs, pipes and '' as they are."""
+    if not data_dir or "://" in data_dir or data_dir.startswith(("pipe:", "hfds:")):
+        return data_dir
+    return os.path.abspath(os.path.expanduser(data_dir))
 
 
 SMALL_DATASETS_SIZE = 32  # the embedded digits and Fashion-MNIST are read at 32 px (a multiple of GC ViT's 32)

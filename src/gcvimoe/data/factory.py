@@ -9,7 +9,7 @@ from timm.data import create_transform
 from torch.utils.data import Dataset
 from torchvision import transforms
 
-from gcvimoe.data.config import DataConfig
+from gcvimoe.data.config import DataConfig, absolute_data_dir
 from gcvimoe.data.sources import get_source
 
 
@@ -48,9 +48,10 @@ def resolve_data_config(
         grey_mean, grey_std = sum(mean) / len(mean), sum(std) / len(std)
         mean, std = (grey_mean,) * in_chans, (grey_std,) * in_chans
     return DataConfig(
-        dataset=dataset, data_dir=str(native.data_dir or data_dir), img_size=img_size or native.img_size,
-        in_chans=in_chans, mean=tuple(mean), std=tuple(std), interpolation=interpolation, crop_pct=crop_pct,
-        class_names=list(native.classes))
+        dataset=dataset, data_dir=absolute_data_dir(str(native.data_dir or data_dir)),
+        img_size=img_size or native.img_size, in_chans=in_chans, mean=tuple(mean), std=tuple(std),
+        interpolation=interpolation, crop_pct=crop_pct, class_names=list(native.classes),
+        data_dir_as_typed=str(data_dir or ""))
 
 
 def train_image_count(data_cfg: DataConfig) -> int:

@@ -5,11 +5,12 @@ from gcvimoe.models.checkpoint import (
 from gcvimoe.models.export import load_initial_weights, save_model, upcycle, upcycle_into
 from gcvimoe.models.factory import create_model, list_models
 from gcvimoe.models.gcvit import GlobalContextVit, checkpoint_filter_fn
-from gcvimoe.models.variants import VARIANTS
+from gcvimoe.models.variants import VARIANTS, variant_of
 from gcvimoe.models.placement import resolve_moe_blocks
 
 __all__ = [
-    'GlobalContextVit', 'VARIANTS', 'checkpoint_filter_fn', 'create_model', 'list_models', 'resolve_moe_blocks',
+    'GlobalContextVit', 'VARIANTS', 'variant_of', 'checkpoint_filter_fn', 'create_model', 'list_models',
+    'resolve_moe_blocks',
     'Checkpoint', 'read_checkpoint', 'experts_per_layer', 'build_model', 'load_weights', 'model_from_checkpoint',
     'create_model_from_checkpoint', 'save_model', 'upcycle', 'upcycle_into', 'load_initial_weights',
 ]

@@ -162,7 +162,8 @@ def _data_config(config: Dict[str, Any], pretrained: Dict[str, Any], args: Dict[
     in_chans, height = pretrained['input_size'][0], pretrained['input_size'][1]
     recorded = config.get('gcvimoe', {}).get('data_config', {})
     return {
-        'dataset': recorded.get('dataset', ''), 'data_dir': recorded.get('data_dir', ''), 'img_size': height,
+        'dataset': recorded.get('dataset', ''), 'data_dir': recorded.get('data_dir', ''),
+        'data_dir_as_typed': recorded.get('data_dir_as_typed', ''), 'img_size': height,
         'in_chans': args.get('in_chans', in_chans), 'mean': list(pretrained['mean']), 'std': list(pretrained['std']),
         'interpolation': pretrained.get('interpolation', 'bicubic'), 'crop_pct': pretrained.get('crop_pct', 1.0),
         'class_names': list(names) if names else [str(i) for i in range(num_classes)],

@@ -69,28 +69,31 @@ def _active_params(model: nn.Module, top_k: int) -> int:
 def model_info(model_name: str, input_size: Optional[Sequence[int]] = None, **kwargs) -> ModelInfo:
     """Builds ``model_name`` and measures its size and compute (and that of its dense twin when it has experts)."""
     from gcvimoe.models import create_model
-    from gcvimoe.moe import moe_layers
 
     model = create_model(model_name, **kwargs)
     input_size = list(input_size or model.pretrained_cfg['input_size'])
     if kwargs.get('in_chans'):
         input_size[0] = kwargs['in_chans']
-    layers = [name for name, _ in moe_layers(model)]
-    num_experts = getattr(model, 'num_experts', 0)
-    top_k = kwargs.get('top_k', 1) if layers else 0
-    dense_macs = None
-    if layers:
-        dense = create_model(model_name, **dict(kwargs, num_experts=0))
-        dense_macs = count_macs(dense, input_size)
+    return describe_model(model, input_size)
+
+
+def describe_model(model: nn.Module, input_size: Optional[Sequence[int]] = None) -> ModelInfo:
+    """Size and compute of a built gcvimoe ``model`` (its dense twin's MACs too when it has experts)."""
+    from gcvimoe.models.export import dense_twin
+    from gcvimoe.moe import moe_layers
+
+    input_size = list(input_size or model.pretrained_cfg['input_size'])
+    layers = dict(moe_layers(model))
+    top_k = next(iter(layers.values())).config.top_k if layers else 0
     return ModelInfo(
-        model=model_name,
+        model=model.model_name,
         input_size=input_size,
         total_params=sum(p.numel() for p in model.parameters()),
         active_params=_active_params(model, top_k),
         macs=count_macs(model, input_size),
-        dense_macs=dense_macs,
+        dense_macs=count_macs(dense_twin(model), input_size) if layers else None,
         num_moe_layers=len(layers),
-        moe_layers=layers,
-        num_experts=num_experts if layers else 0,
+        moe_layers=list(layers),
+        num_experts=getattr(model, 'num_experts', 0) if layers else 0,
         top_k=top_k,
     )

@@ -1,7 +1,9 @@
 """The GC ViT / GCViMoE variants (``gcvimoe_pico`` ... ``gcvimoe_large``) and their timm registration."""
 import inspect
-from typing import Dict
+import re
+from typing import Dict, Optional
 
+import torch
 from timm.layers import to_2tuple
 from timm.models import generate_default_cfgs, register_model
 
@@ -9,7 +11,7 @@ from gcvimoe.models.gcvit import GlobalContextVit, base_cfg, create_gcvimoe
 from gcvimoe.moe import MoEConfig
 from gcvimoe.moe.config import FIELDS as MOE_FIELDS
 
-__all__ = ['VARIANTS']
+__all__ = ['VARIANTS', 'variant_of']
 
 
 # Architecture of each published GC ViT variant (paper Table 1 / NVlabs configs) and our small `pico` and `nano`.
@@ -121,3 +123,21 @@ def gcvimoe_base(pretrained: bool = False, **kwargs) -> GlobalContextVit:
 @register_model
 def gcvimoe_large(pretrained: bool = False, **kwargs) -> GlobalContextVit:
     return _variant('large', pretrained, **kwargs)
+
+
+def variant_of(state_dict: Dict[str, torch.Tensor]) -> Optional[str]:
+    """The registered variant whose widths and depths a GC ViT state dict (ours or timm's ``gcvit_*``) has, or None.
+
+    Each variant has its own stem width and blocks per stage, so these two tell them apart; the window size and
+    input size are not needed, since the loader resizes position bias tables.
+    """
+    stem = state_dict.get('stem.conv1.weight')
+    if stem is None:
+        return None
+    blocks: Dict[int, set] = {}
+    for key in state_dict:
+        if (match := re.match(r'stages\.(\d+)\.blocks\.(\d+)\.', key)):
+            blocks.setdefault(int(match.group(1)), set()).add(int(match.group(2)))
+    depths = tuple(len(blocks[stage]) for stage in sorted(blocks))
+    return next((f'gcvimoe_{size}' for size, arch in VARIANTS.items()
+                 if arch['embed_dim'] == stem.shape[0] and tuple(arch['depths']) == depths), None)

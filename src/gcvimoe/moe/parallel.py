@@ -138,6 +138,17 @@ def is_expert_parallel(model: nn.Module) -> bool:
     return any(isinstance(layer.experts, ExpertParallelExperts) for _, layer in moe_layers(model))
 
 
+def whole_model_parameters(model: nn.Module) -> int:
+    """Parameters of the whole model, however its experts are sharded: each process holds ``e / w`` experts of a
+    layer, so its own count would leave out the other processes' experts."""
+    total = sum(p.numel() for p in model.parameters())
+    for _, layer in moe_layers(model):
+        if isinstance(layer.experts, ExpertParallelExperts):
+            local = sum(p.numel() for p in layer.experts.parameters())
+            total += local * (layer.experts.num_global_experts // layer.experts.num_experts - 1)
+    return total
+
+
 def shard_experts_(model: nn.Module, group: Optional[dist.ProcessGroup] = None) -> nn.Module:
     """Replace the experts of every MoE layer of ``model`` by this process's share of them, in place.
 

@@ -28,9 +28,10 @@ from torch.nn.parallel import DistributedDataParallel
 from gcvimoe.data import (
     DataConfig, build_transform, create_dataset, create_loader, get_source, resolve_data_config, train_image_count)
 from gcvimoe.errors import GcvimoeError, did_you_mean
-from gcvimoe.models import Checkpoint, build_model, experts_per_layer, load_initial_weights, read_checkpoint
+from gcvimoe.models import (
+    Checkpoint, build_model, experts_per_layer, load_initial_weights, read_checkpoint, variant_of)
 from gcvimoe.moe import moe_layers
-from gcvimoe.moe.parallel import is_expert_parallel
+from gcvimoe.moe.parallel import is_expert_parallel, whole_model_parameters
 from gcvimoe.train.config import TrainConfig, scaled_lr
 from gcvimoe.train.distributed import DistInfo, check_expert_parallel_optimizer, shard_experts, wrap_model
 from gcvimoe.train.recipe import DERIVED_RECIPE, derive_recipe
@@ -40,7 +41,7 @@ _logger = logging.getLogger("gcvimoe.train")
 
 
 def build_run(cfg: TrainConfig, info: DistInfo, resumed: bool, callbacks: Sequence[Callback] = (),
-              origins: Optional[Dict[str, str]] = None) -> Run:
+              origins: Optional[Dict[str, str]] = None, notes: Sequence[str] = ()) -> Run:
     """Data, model, optimiser, precision, schedule, EMA; the header notes say where each derived value came from.
 
     Args:
@@ -49,9 +50,11 @@ def build_run(cfg: TrainConfig, info: DistInfo, resumed: bool, callbacks: Sequen
         resumed: Whether a checkpoint will be restored into the run (then no initial weights are loaded).
         callbacks: Handed to the run.
         origins: Where each non-default config value came from, for the header.
+        notes: Header lines from the caller, printed first.
     """
     check_compile_combination(cfg)
-    cfg, initial, initial_notes = _initial_checkpoint(cfg, resumed)
+    origins = dict(origins or {})
+    cfg, initial, initial_notes = _initial_checkpoint(cfg, resumed, origins)
     origin_notes = [f"{key} {_short(value)} (from {origin})" for key, value, origin in _origin_items(cfg, origins)]
     cfg, data_cfg, data_notes = derive_from_data(cfg)
     torch.set_num_threads(cfg.threads)  # train() restores the caller's count at the end
@@ -75,20 +78,29 @@ def build_run(cfg: TrainConfig, info: DistInfo, resumed: bool, callbacks: Sequen
     return Run(cfg=cfg, info=info, data_cfg=data_cfg, train_loader=train_loader, eval_loader=eval_loader, model=model,
                train_model=model, optimizer=optimizer, scheduler=scheduler, total_epochs=total_epochs, loss_fn=loss_fn,
                output_dir=_output_dir(cfg), autocast=autocast, scaler=scaler, ema=ema, mixup_fn=mixup_fn,
-               callbacks=tuple(callbacks), notes=initial_notes + data_notes + model_notes + origin_notes)
+               callbacks=tuple(callbacks), notes=[*notes, *initial_notes] + data_notes + model_notes + origin_notes)
 
 
-def _initial_checkpoint(cfg: TrainConfig, resumed: bool):
-    """The initial weights to start from (none when resuming: the checkpoint holds the weights). Upcycling dense
-    weights turns gate normalisation on, so that the MoE model starts with the dense model's outputs; the run's
-    config records it, so a resume builds the same model."""
+def _initial_checkpoint(cfg: TrainConfig, resumed: bool, origins: Dict[str, str]):
+    """The initial weights to start from (none when resuming: the checkpoint holds the weights).
+
+    The weights decide the variant unless ``--model`` names one (another variant's weights would not load), so a
+    timm ``gcvit_xxtiny`` file trains ``gcvimoe_xxtiny``. Upcycling dense weights turns gate normalisation on, so
+    that the MoE model starts with the dense model's outputs; the run's config records both, so a resume builds the
+    same model."""
     if not cfg.initial_checkpoint or resumed:
         return cfg, None, []
     initial = read_checkpoint(cfg.initial_checkpoint)
+    notes = []
+    variant = initial.model_name or variant_of(initial.state_dict)
+    if variant is not None and variant != cfg.model and origins.get("model") != "the command line":
+        cfg = dataclasses.replace(cfg, model=variant)
+        origins.pop("model", None)  # the header's line below says where it came from
+        notes.append(f"model {variant} (from the initial checkpoint's weights; --model overrides)")
     if cfg.moe.num_experts > 0 and not experts_per_layer(initial.state_dict) and not cfg.moe.normalize_gates:
         cfg = dataclasses.replace(cfg, moe=dataclasses.replace(cfg.moe, normalize_gates=True))
-        return cfg, initial, ["moe.normalize_gates True (upcycling: the MoE model starts with the dense outputs)"]
-    return cfg, initial, []
+        notes.append("moe.normalize_gates True (upcycling: the MoE model starts with the dense outputs)")
+    return cfg, initial, notes
 
 
 def derive_from_data(cfg: TrainConfig):
@@ -191,6 +203,8 @@ def global_batch(cfg: TrainConfig, info: DistInfo) -> int:
 
 def _create_optimizer(cfg: TrainConfig, model: nn.Module, lr: float) -> torch.optim.Optimizer:
     kwargs = dict(opt=cfg.opt, lr=lr, weight_decay=cfg.weight_decay, momentum=cfg.momentum)
+    if cfg.layer_decay is not None:
+        kwargs["layer_decay"] = cfg.layer_decay  # timm groups the layers by the model's group_matcher
     if cfg.opt_eps is not None:
         kwargs["eps"] = cfg.opt_eps
     if cfg.opt_betas is not None:
@@ -275,7 +289,7 @@ def log_header(run: Run, state: TrainState) -> None:
     cfg, info, data_cfg = run.cfg, run.info, run.data_cfg
     if cfg.amp and info.device.type != "cuda":
         _logger.info("amp: mixed precision needs a GPU; training in float32 on %s", info.device)
-    num_params = sum(p.numel() for p in run.model.parameters())
+    num_params = whole_model_parameters(run.model)
     _logger.info(
         "model %s: %.2fM parameters | data %s: %d train / %d val images, %d classes, %dx%d px, %d channel(s) | "
         "%d process(es) on %s, global batch %d, lr %.3g | output %s",

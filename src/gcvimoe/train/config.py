@@ -103,6 +103,10 @@ class TrainConfig:
                        check=NOT_NEGATIVE)
     lr_batch_size: Optional[int] = option(None, "global batch that lr is given for; null = use lr as given")
     lr_scale: str = option("linear", "how the LR follows the global batch", choices=("linear", "sqrt"))
+    layer_decay: Optional[float] = option(None, "layer-wise LR decay, as timm's --layer-decay: each block group "
+                                                "nearer the input gets this factor more of the LR (null = off; "
+                                                "fine-tuning uses 0.75)",
+                                          check=Check(lambda decay, config: 0 < decay <= 1, "must be in (0, 1]"))
     weight_decay: float = option(0.05, "weight decay (not applied to norms, biases and no_weight_decay params)",
                                  check=NOT_NEGATIVE)
     momentum: float = option(0.9, "momentum (SGD-style optimisers)")
@@ -233,6 +237,9 @@ def builtin_configs() -> Dict[str, Path]:
     root = importlib.resources.files("gcvimoe") / "configs"
     return {Path(entry.name).stem: Path(str(entry)) for entry in root.iterdir() if entry.name.endswith(".yaml")}
 
+
+FINETUNE_CONFIG = "finetune"
+"""The built-in recipe a run starting from weights (``initial_checkpoint``) uses when no ``-c`` names one."""
 
 CONFIG_ALIASES = {"imagenet": "gcvimoe_tiny"}
 """Recipe names for built-in configs: ``-c imagenet`` is GCViMoE-T's ImageNet-1K recipe, the default ImageNet run."""

@@ -110,6 +110,7 @@ class StepMeter:
         self.batches_read = 0
         self.start = self.last_read = time.perf_counter()
         self.first_read: Optional[Tuple[float, int]] = None  # time and batches at the first read, for the ETA
+        self.images_before = 0.0  # images a resumed epoch had trained on before this process started it
         self.bar = None
 
     def __enter__(self) -> 'StepMeter':
@@ -132,6 +133,7 @@ class StepMeter:
         (:meth:`own_sums`, gathered), so the epoch's totals come out as if it had not stopped."""
         self.sums += torch.tensor(sums[rank], dtype=self.sums.dtype, device=self.sums.device)
         self.totals = [sum(values) for values in zip(*sums, strict=True)]
+        self.images_before = self.totals[2]  # they took their time before the restart: no part of this throughput
         self.step_lrs = [math.nan] * start_batch
         self.batches_read = start_batch
         if self.bar is not None:
@@ -238,7 +240,7 @@ class StepMeter:
         images = max(self.totals[2], 1.0)
         stats = {"train_loss": self.totals[0] / images, "train_aux_loss": self.totals[1] / images,
                  "dropped_fraction": self._dropped(self.totals),
-                 "images_per_s": self.totals[2] / max(self.last_read - self.start, 1e-9)}
+                 "images_per_s": (self.totals[2] - self.images_before) / max(self.last_read - self.start, 1e-9)}
         return stats, experts
 
 

@@ -70,7 +70,7 @@ _logger = logging.getLogger("gcvimoe.train")
 
 
 def train(cfg: TrainConfig, resume: Optional[Dict[str, Any]] = None, callbacks: Sequence[Callback] = (),
-          origins: Optional[Dict[str, str]] = None) -> TrainResult:
+          origins: Optional[Dict[str, str]] = None, notes: Sequence[str] = ()) -> TrainResult:
     """Train as ``cfg`` says, continuing from the checkpoint dict ``resume`` when given.
 
     Joins the torchrun process group when launched by torchrun and leaves it at the end.
@@ -81,13 +81,14 @@ def train(cfg: TrainConfig, resume: Optional[Dict[str, Any]] = None, callbacks: 
         callbacks: Called on the primary process after every epoch and at the end (plots, for instance).
         origins: Where each non-default config value came from (``origins`` of
             :func:`gcvimoe.train.config.build_config`), for the run's header.
+        notes: Lines the caller adds to the header (the command line's choice of recipe, for instance).
     """
     threads = torch.get_num_threads()
     info = init_distributed(cfg.device, parse_duration("dist_timeout", cfg.dist_timeout))
     try:
         if resume is not None and resume["epoch"] > cfg.epochs + cfg.cooldown_epochs:
             return _already_trained(cfg, resume, info)
-        run = build_run(cfg, info, resumed=resume is not None, callbacks=callbacks, origins=origins)
+        run = build_run(cfg, info, resumed=resume is not None, callbacks=callbacks, origins=origins, notes=notes)
         check_output_dir(run.output_dir, resumed=resume is not None, overwrite=run.cfg.overwrite)
         state = restore(resume, run) if resume is not None else TrainState()
         result = fit(run, state, resumed=resume is not None)
@@ -123,7 +124,9 @@ def fit(run: Run, state: TrainState, resumed: bool) -> TrainResult:
                         * (1 if resumed else 2), run.info)  # room for the new file beside the old (last and best)
     if run.info.is_primary:
         run.output_dir.mkdir(parents=True, exist_ok=True)
-        save_config(dataclasses.replace(run.cfg, output=str(run.output_dir)), run.output_dir / "config.yaml")
+        # the absolute data path, so that the folder's config and checkpoints find the data from anywhere
+        save_config(dataclasses.replace(run.cfg, output=str(run.output_dir), data_dir=run.data_cfg.data_dir
+                                        if run.cfg.data_dir else ""), run.output_dir / "config.yaml")
         if resumed:
             repair_after_kill(run.output_dir, state)
     with log_to(run.output_dir, run.info, append=resumed), \
@@ -226,7 +229,7 @@ def train_one_epoch(run: Run, state: TrainState, epoch: int, writer: Optional[Sc
             if need_update:
                 state.num_updates = optimizer_step(run, state.num_updates)
             meter.update(ce_loss, aux_loss, images.shape[0], collect_moe_report(run.model),
-                         run.optimizer.param_groups[0]["lr"])
+                         peak_lr(run.optimizer))
             if meter.is_log_step(batch_idx):
                 _log_step(run, meter, writer, epoch, batch_idx)
             if need_update and batch_idx < num_batches - 1 and run.preemption is not None:
@@ -235,6 +238,11 @@ def train_one_epoch(run: Run, state: TrainState, epoch: int, writer: Optional[Sc
     stats, experts = meter.epoch_stats()
     writer.add("epoch", epoch + 1, expert_load_scalars(experts))
     return stats
+
+
+def peak_lr(optimizer: torch.optim.Optimizer) -> float:
+    """The largest LR of the optimiser's groups: the head's, which layer-wise decay leaves unscaled."""
+    return max(group["lr"] for group in optimizer.param_groups)
 
 
 def train_step(run: Run, images: torch.Tensor, targets: torch.Tensor, window: int, sync: bool):
@@ -336,7 +344,7 @@ def _evaluate_row(run: Run, epoch: int, train_stats: Dict[str, float]):
     evaluate_on_val = partial(_evaluate, run)
     eval_result = evaluate_on_val(run.model)
     row = {"epoch": epoch + 1, **train_stats, "eval_loss": eval_result["loss"], "eval_top1": eval_result["top1"],
-           "eval_top5": eval_result["top5"], "lr": run.optimizer.param_groups[0]["lr"]}
+           "eval_top5": eval_result["top5"], "lr": peak_lr(run.optimizer)}
     if run.ema is not None:
         ema_result = evaluate_on_val(run.ema.module)
         row.update(ema_eval_loss=ema_result["loss"], ema_eval_top1=ema_result["top1"],
