@@ -3,7 +3,11 @@ predict on any checkpoint form, run folders that are never overwritten silently,
 import csv
 import dataclasses
 import json
+import os
 import re
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import timm
@@ -109,6 +113,43 @@ def test_run_model_folder_loads_in_timm_and_reproduces_the_best_top1(run_dir, ca
     assert result["top1"] == pytest.approx(expected, abs=1e-4)
 
 
+# timm validate.py's own steps (create_model, resolve_data_config, create_dataset with split search, create_loader,
+# top-1), in a fresh interpreter whose only gcvimoe line is the import: neither timm's wheel nor its source
+# distribution ships validate.py itself
+TIMM_VALIDATE = """
+import sys
+import gcvimoe  # registers the gcvimoe_* models with timm
+import timm
+import torch
+from timm.data import create_dataset, create_loader, resolve_data_config
+
+model_dir, data_dir = sys.argv[1:]
+model = timm.create_model(f"local-dir:{model_dir}", pretrained=True).eval()
+config = resolve_data_config({}, model=model)
+dataset = create_dataset("", root=data_dir, split="validation", input_img_mode="RGB")
+loader = create_loader(dataset, batch_size=4, use_prefetcher=False, num_workers=0, **config)
+hits = total = 0
+with torch.inference_mode():
+    for images, targets in loader:
+        hits += int((model(images).argmax(1) == targets).sum())
+        total += len(targets)
+print(100.0 * hits / total)
+"""
+
+
+def test_timm_validate_steps_in_a_fresh_process_reproduce_gcvimoe_validate(run_dir, data_dir, capsys):
+    src = str(Path(__file__).resolve().parents[1] / "src")
+    env = dict(os.environ, OMP_NUM_THREADS="1",
+               PYTHONPATH=os.pathsep.join(filter(None, [src, os.environ.get("PYTHONPATH")])))
+    done = subprocess.run([sys.executable, "-c", TIMM_VALIDATE, str(run_dir / "model"), str(data_dir)], env=env,
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    capsys.readouterr()
+    assert main(["validate", "--checkpoint", str(run_dir / "model"), "--data-dir", str(data_dir / "val"), "--json",
+                 "--workers", "0"]) == 0
+    assert float(done.stdout.split()[-1]) == pytest.approx(json.loads(capsys.readouterr().out)["top1"], abs=1e-6)
+
+
 def test_best_is_weights_only_last_is_complete_and_keep_last_bounds_the_copies(run_dir):
     best = torch.load(run_dir / "best.pth", weights_only=True)
     last = torch.load(run_dir / "last.pth", weights_only=True)
@@ -141,8 +182,8 @@ def test_predict_a_folder_with_a_corrupt_image_writes_the_good_ones(run_dir, dat
     assert code == 0
     with open(results) as f:
         rows = list(csv.DictReader(f))
-    assert sorted(row["image"].rsplit("/", 1)[1] for row in rows) == sorted(f"{name}.png" for name in CLASSES)
-    assert all(row["label_1"] in CLASSES and 0 < float(row["probability_1"]) <= 1 for row in rows)
+    assert sorted(row["filename"].rsplit("/", 1)[1] for row in rows) == sorted(f"{name}.png" for name in CLASSES)
+    assert all(row["label_0"] in CLASSES and 0 < float(row["prob_0"]) <= 1 for row in rows)
     assert "broken.png" in err and "skipped" in err
     code, err = run_cli(capsys, "predict", "--checkpoint", str(run_dir / "model"), str(images), "--topk", "0")
     assert_one_error_line(code, err, "--topk must be at least 1")

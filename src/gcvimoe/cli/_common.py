@@ -29,6 +29,27 @@ def add_json(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--json", action="store_true", help="print JSON instead of the report")
 
 
+INTERPOLATIONS = ("bilinear", "bicubic", "nearest", "lanczos", "box", "hamming")
+
+
+def add_preprocessing(parser: argparse.ArgumentParser) -> None:
+    """timm validate.py's preprocessing flags, absent unless given (the file's own preprocessing applies); read them
+    back with :func:`preprocessing_overrides`."""
+    group = parser.add_argument_group("preprocessing (timm's flags; default: what the checkpoint records)")
+    group.add_argument("--img-size", type=int, metavar="N", help="input height and width")
+    group.add_argument("--input-size", type=int, nargs=3, metavar=("C", "H", "W"),
+                       help="input channels, height and width (square; C as the model's)")
+    group.add_argument("--crop-pct", type=float, metavar="PCT", help="centre-crop fraction (1.0: resize only)")
+    group.add_argument("--mean", type=float, nargs="+", metavar="MEAN", help="per-channel mean (one value: all)")
+    group.add_argument("--std", type=float, nargs="+", metavar="STD", help="per-channel std (one value: all)")
+    group.add_argument("--interpolation", choices=INTERPOLATIONS, help="resize interpolation")
+
+
+def preprocessing_overrides(args: argparse.Namespace) -> dict:
+    """The flags of :func:`add_preprocessing` under timm's ``args`` names, None where not given."""
+    return {key: getattr(args, key) for key in ("img_size", "input_size", "crop_pct", "mean", "std", "interpolation")}
+
+
 def add_moe_options(parser: argparse.ArgumentParser, title: str = "MoE options") -> None:
     """``--num-experts``, ``--top-k``, ... generated from :class:`gcvimoe.moe.MoEConfig`, absent unless given (read
     them back with ``gcvimoe.moe.config.FIELDS.from_args``); ``--help`` shows the GCViMoE recipe's defaults."""

@@ -8,18 +8,27 @@ the data it was trained on. Examples::
     gcvimoe validate --checkpoint runs/tiny/last.pth --data-dir /data/imagenet --json
     gcvimoe validate --model gcvimoe_tiny --checkpoint gcvit_tiny.pth --data-dir /data/imagenet  # a plain state dict
     gcvimoe validate --model local-dir:runs/tiny/model --pretrained                              # as timm's validate.py
+    gcvimoe validate --checkpoint runs/tiny/model --data-dir photos/val --img-size 256 --crop-pct 1.0
+
+The report starts with the preprocessing applied and where each value came from; timm's flags (``--img-size``,
+``--input-size``, ``--crop-pct``, ``--mean``, ``--std``, ``--interpolation``) override it. ``--results-file`` writes
+timm validate.py's columns first (model, top1, top1_err, top5, top5_err, param_count, img_size, crop_pct,
+interpolation), then gcvimoe's.
 """
 import argparse
 import json
 from typing import Any, Dict
 
-from gcvimoe.cli._common import CHECKPOINT_HELP, add_device, add_json, add_use_ema
+from gcvimoe.cli._common import (
+    CHECKPOINT_HELP, add_device, add_json, add_preprocessing, add_use_ema, preprocessing_overrides)
 from gcvimoe.errors import GcvimoeError
 from gcvimoe.files import write_records
 from gcvimoe.train.evaluate import validate_checkpoint
+from gcvimoe.train.preprocessing import preprocessing_lines
 
-RESULT_KEYS = ("checkpoint", "model", "epoch", "weights", "dataset", "split", "num_images", "top1", "top5", "loss",
-               "dropped_fraction")
+RESULT_KEYS = ("model", "top1", "top1_err", "top5", "top5_err", "param_count", "img_size", "crop_pct", "interpolation",
+               "checkpoint", "epoch", "weights", "dataset", "split", "num_images", "loss", "dropped_fraction")
+"""timm validate.py's columns, in its order, then gcvimoe's."""
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
@@ -31,7 +40,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
                         help="with --model local-dir:DIR or hf-hub:NAME: evaluate that model's own weights")
     data = parser.add_mutually_exclusive_group()
     data.add_argument("--data-dir", metavar="DIR",
-                      help="folder with a val/ class folder, tar shards (a folder or a pattern), or the Fashion-MNIST "
+                      help="folder with a val/ class folder, a folder of class folders, tar shards (a folder or a pattern), or the Fashion-MNIST "
                            "files; default: the training data")
     data.add_argument("--dataset", metavar="NAME",
                       help="a dataset read without --data-dir: digits, fashion-mnist or hfds:NAME; default: the "
@@ -39,15 +48,18 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--split", default="val", choices=("train", "val"), help="which split to evaluate")
     parser.add_argument("--batch-size", type=int, metavar="N", help="default: the training run's eval batch size")
     parser.add_argument("--workers", type=int, metavar="N", help="data loading processes (default: the training run's)")
+    add_preprocessing(parser)
     add_device(parser)
     add_use_ema(parser)
     add_json(parser)
-    parser.add_argument("--results-file", metavar="FILE", help="also write the metrics to FILE (.json or .csv)")
+    parser.add_argument("--results-file", metavar="FILE",
+                        help="also write the metrics to FILE (.json or .csv), timm validate.py's columns first")
 
 
 def format_report(result: Dict[str, Any]) -> str:
     """The human-readable report: metrics, per-class accuracy, expert usage."""
     lines = [
+        *preprocessing_lines(result["preprocessing"]),
         f"checkpoint {result['checkpoint']} ({result['model']}, epoch {result['epoch']}, {result['weights']} weights)",
         f"data {result['dataset']} {result['split']}: {result['num_images']} images",
         f"top-1 {result['top1']:.2f} %   top-5 {result['top5']:.2f} %   loss {result['loss']:.4f}",
@@ -98,7 +110,8 @@ def run(args: argparse.Namespace) -> int:
     source, model_name = _source(args)
     result = validate_checkpoint(
         source, dataset=args.dataset, data_dir=args.data_dir, split=args.split, batch_size=args.batch_size,
-        workers=args.workers, device=args.device, use_ema=args.use_ema, model_name=model_name)
+        workers=args.workers, device=args.device, use_ema=args.use_ema, model_name=model_name,
+        preprocessing=preprocessing_overrides(args))
     print(json.dumps(result) if args.json else format_report(result))
     if args.results_file:
         write_records(args.results_file, [{key: result[key] for key in RESULT_KEYS}])

@@ -34,6 +34,15 @@ def check_split_dir(root, split: str) -> Path:
     return split_dir
 
 
+def is_class_folder(root) -> bool:
+    """Whether ``root`` is one folder of class folders (``root/<class>/<image>``) rather than a dataset folder with
+    ``train/`` and ``val/``: it has no ``train/`` or ``val/`` but a subfolder with images."""
+    root = Path(root)
+    if not root.is_dir() or (root / "train").is_dir() or (root / "val").is_dir():
+        return False
+    return any(entry.is_dir() and not entry.name.startswith(".") and list_images(entry) for entry in root.iterdir())
+
+
 def find_classes(split_dir) -> List[str]:
     """The sorted class folder names under ``split_dir``; at least one is required."""
     split_dir = Path(split_dir)
@@ -58,8 +67,8 @@ class ImageFolder(Dataset):
     same with any number of workers and after a resume.
 
     Args:
-        root: The dataset folder holding ``train/`` and ``val/``.
-        split: 'train' or 'val'.
+        root: The dataset folder holding ``train/`` and ``val/``; with ``split`` None, one folder of class folders.
+        split: 'train', 'val', or None for ``root``'s own class folders.
         classes: The class list to index labels by (the training classes for ``val``); None = this split's own.
         mode: PIL mode the images are converted to, 'RGB' or 'L'.
         transform: Applied to each PIL image.
@@ -71,14 +80,15 @@ class ImageFolder(Dataset):
     def __init__(
             self,
             root,
-            split: str = "train",
+            split: Optional[str] = "train",
             classes: Optional[Sequence[str]] = None,
             mode: str = "RGB",
             transform: Optional[Callable] = None,
             skip_unreadable: bool = False,
             max_unreadable_fraction: Optional[float] = None,
     ):
-        split_dir = check_split_dir(root, split)
+        split_dir = check_split_dir(root, split) if split else Path(root)
+        split = split or split_dir.name
         found = find_classes(split_dir)
         self.classes = list(classes) if classes is not None else found
         unknown = [name for name in found if name not in self.classes]
@@ -165,13 +175,14 @@ def count_images(root, split: str = "train") -> int:
     return len(list_images(check_split_dir(root, split)))
 
 
-def measure_folder(root, sample: int = 256, seed: int = 0) -> ImageStats:
-    """Measure channels, size and pixel statistics on ``sample`` training images picked evenly at random.
+def measure_folder(root, sample: int = 256, seed: int = 0, split: Optional[str] = "train") -> ImageStats:
+    """Measure channels, size and pixel statistics on ``sample`` images of ``split`` (None: ``root``'s own class
+    folders) picked evenly at random.
 
     A few hundred images pin the mean and std to about a hundredth of the pixel range, which is what normalisation
     needs; reading them all would cost a pass over the data before the first step.
     """
-    split_dir = check_split_dir(root, "train")
+    split_dir = check_split_dir(root, split) if split else Path(root)
     files = list_images(split_dir)
     if not files:
         raise GcvimoeError(f"{split_dir} holds no images; {LAYOUT}")

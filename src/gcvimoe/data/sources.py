@@ -24,8 +24,9 @@ from gcvimoe.data.config import MAX_DERIVED_SIZE, SMALL_DATASETS_SIZE, DataConfi
 from gcvimoe.data.digits import DIGITS_CLASSES, DIGITS_MEAN, DIGITS_STD, DigitsDataset
 from gcvimoe.data.fashion_mnist import (
     FASHION_MNIST_CLASSES, FASHION_MNIST_MEAN, FASHION_MNIST_STD, FashionMNIST, fashion_mnist_dir)
-from gcvimoe.data.folder import ImageFolder, check_split_dir, count_images, find_classes, measure_folder
-from gcvimoe.data.images import ImageStats
+from gcvimoe.data.folder import (
+    ImageFolder, check_split_dir, count_images, find_classes, is_class_folder, measure_folder)
+from gcvimoe.data.images import ImageStats, list_images
 from gcvimoe.errors import GcvimoeError
 
 
@@ -198,4 +199,33 @@ class FolderSource(DataSource):
               max_unreadable_fraction=None):
         classes = class_names if class_names is not None else data_cfg.class_names
         return ImageFolder(data_cfg.data_dir, split, classes=classes, mode=image_mode(data_cfg), transform=transform,
+                           skip_unreadable=skip_unreadable, max_unreadable_fraction=max_unreadable_fraction)
+
+
+@register_source
+class ClassFoldersSource(DataSource):
+    """One folder of class folders (``DIR/<class>/<image>``, as ``DIR/val`` of a dataset folder): data to evaluate
+    or predict on, as timm's validate.py reads one. Training needs a folder with ``train/`` and ``val/``."""
+    name, fixed_classes = "classes", False
+
+    def claims(self, data_dir):
+        return is_class_folder(data_dir)
+
+    def resolve(self, dataset, data_dir, img_size, in_chans, notes):
+        if not data_dir or not is_class_folder(data_dir):
+            raise GcvimoeError(f"dataset 'classes' needs --data-dir DIR with DIR/<class>/<image>, got "
+                               f"{data_dir or 'none'}")
+        chans, size, mean, std = from_stats(measure_folder(data_dir, split=None), img_size, in_chans, notes)
+        return Native(find_classes(data_dir), chans, size, mean, std, data_dir)
+
+    def count(self, data_cfg, split="train"):
+        return len(list_images(data_cfg.data_dir))
+
+    def build(self, data_cfg, split, transform=None, class_names=None, skip_unreadable=False,
+              max_unreadable_fraction=None):
+        if split == "train":
+            raise GcvimoeError(f"{data_cfg.data_dir} is one folder of class folders, which validate and predict read "
+                               f"as it is; to train, give a folder with train/ and val/ class folders")
+        classes = class_names if class_names is not None else data_cfg.class_names
+        return ImageFolder(data_cfg.data_dir, None, classes=classes, mode=image_mode(data_cfg), transform=transform,
                            skip_unreadable=skip_unreadable, max_unreadable_fraction=max_unreadable_fraction)

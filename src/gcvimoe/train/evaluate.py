@@ -1,7 +1,7 @@
 """Evaluation: loss, top-1/top-5, per-class accuracy and expert usage, summed exactly over all processes."""
 import dataclasses
 from contextlib import nullcontext
-from typing import Any, Callable, Dict, Iterable, Optional
+from typing import Any, Callable, Dict, Iterable, Mapping, Optional
 
 import torch
 import torch.nn.functional as F
@@ -16,6 +16,7 @@ from gcvimoe.moe import MoEReport, collect_moe_report, moe_layers
 from gcvimoe.moe.parallel import is_expert_parallel
 from gcvimoe.train.device import resolve_device
 from gcvimoe.train.distributed import DistInfo, all_reduce_sum, max_over_processes
+from gcvimoe.train.preprocessing import recorded_sources, resolve_preprocessing
 from gcvimoe.train.progress import expert_load, track
 
 
@@ -103,8 +104,8 @@ def evaluate(
 ) -> Dict[str, Any]:
     """Evaluate ``model`` (not a DDP wrapper) on this process's share of ``loader``; metrics cover all processes.
 
-    The primary process shows the progress under ``desc`` (None: not at all): a bar when stderr is a terminal, else a
-    few lines on the ``gcvimoe`` logger (see :func:`gcvimoe.train.progress.track`).
+    The primary process shows the progress under ``desc`` (None: not at all) as a bar when stderr is a terminal, and
+    not at all in a log (see :func:`gcvimoe.train.progress.track`).
 
     Returns:
         ``loss`` (mean cross-entropy), ``top1``, ``top5`` (percent), ``num_images``, ``per_class_top1`` (percent per
@@ -178,21 +179,31 @@ def trained_data_config(checkpoint: Checkpoint, action: str) -> DataConfig:
     return DataConfig.from_dict(checkpoint.data_config)
 
 
-def _plain_data_config(model: nn.Module, path, dataset: Optional[str], data_dir: Optional[str]) -> DataConfig:
-    """For a file that records no preprocessing: the model's own ``pretrained_cfg`` and the named data's classes."""
+def _plain_data_config(model: nn.Module, path, dataset: Optional[str], data_dir: Optional[str]):
+    """For a file that records no preprocessing: the model's own ``pretrained_cfg``, the channels of its weights and
+    the named data's classes; the data's own mean and std where the ``pretrained_cfg``'s have other channels (a grey
+    model's ImageNet statistics). Returns the config and where each value came from."""
     if dataset is None and data_dir is None:
         raise GcvimoeError(f"{path} records no preprocessing or class names (a plain state dict); name the data "
                            f"with --data-dir DIR or --dataset")
     pretrained = model.pretrained_cfg
+    in_chans = pretrained["input_size"][0]  # the built model's, whose stem follows the weights
     data_cfg = resolve_data_config(dataset or default_dataset(data_dir), data_dir or "",
-                                   img_size=pretrained["input_size"][-1],
-                                   in_chans=model.model_args.get("in_chans", pretrained["input_size"][0]),
-                                   interpolation=pretrained["interpolation"],
-                                   crop_pct=pretrained["crop_pct"])
+                                   img_size=pretrained["input_size"][-1], in_chans=in_chans,
+                                   interpolation=pretrained["interpolation"], crop_pct=pretrained["crop_pct"])
     if data_cfg.num_classes != model.num_classes:
         raise GcvimoeError(f"{path} has {model.num_classes} classes but the data {data_cfg.num_classes}; evaluate it "
                            f"on data with the same classes")
-    return dataclasses.replace(data_cfg, mean=tuple(pretrained["mean"]), std=tuple(pretrained["std"]))
+    model_cfg = "the model's pretrained_cfg"
+    sources = {"input_size": f"{model_cfg}; channels from the weights", "crop_pct": model_cfg,
+               "interpolation": model_cfg}
+    if len(pretrained["mean"]) == in_chans:
+        data_cfg = dataclasses.replace(data_cfg, mean=tuple(pretrained["mean"]), std=tuple(pretrained["std"]))
+        sources.update(mean=model_cfg, std=model_cfg)
+    else:
+        sources.update(dict.fromkeys(("mean", "std"), f"the data ({data_cfg.dataset}), as the pretrained_cfg's are "
+                                                      f"{len(pretrained['mean'])}-channel"))
+    return data_cfg, sources
 
 
 def validate_checkpoint(  # noqa: PLR0913  (the command's flags, as timm's validate.py)
@@ -205,22 +216,30 @@ def validate_checkpoint(  # noqa: PLR0913  (the command's flags, as timm's valid
         device: str = "auto",
         use_ema: bool = False,
         model_name: Optional[str] = None,
+        preprocessing: Optional[Mapping[str, Any]] = None,
 ) -> Dict[str, Any]:
-    """Evaluate a checkpoint; returns the metrics of :func:`evaluate` plus context.
+    """Evaluate a checkpoint; returns the metrics of :func:`evaluate` plus context, timm validate.py's columns
+    (``top1_err``, ``top5_err``, ``param_count`` in millions, ``img_size``, ``crop_pct``, ``interpolation``) and the
+    ``preprocessing`` with where each value came from (:class:`~gcvimoe.train.preprocessing.Preprocessing`).
 
     Args:
         checkpoint_path: A training checkpoint, ``.safetensors`` export, model folder, ``local-dir:DIR`` or
             ``hf-hub:NAME``; or a plain state dict when ``model_name`` names the model to load it into.
         model_name: The model for a plain state dict (a timm ``gcvit_*`` file into ``gcvimoe_*``).
+        preprocessing: timm's overrides (``img_size``, ``input_size``, ``crop_pct``, ``mean``, ``std``,
+            ``interpolation``; see :func:`~gcvimoe.train.preprocessing.resolve_preprocessing`).
     """
     checkpoint = read_checkpoint(checkpoint_path)
     info = DistInfo(device=resolve_device(device))
     model = model_from_checkpoint(checkpoint, use_ema=use_ema, model_name=model_name).to(info.device)
     if checkpoint.data_config is None:
-        trained = data_cfg = _plain_data_config(model, checkpoint.path, dataset, data_dir)
+        trained, sources = _plain_data_config(model, checkpoint.path, dataset, data_dir)
+        data_cfg = trained
     else:
-        trained = trained_data_config(checkpoint, "validate")
+        trained, sources = trained_data_config(checkpoint, "validate"), recorded_sources()
         data_cfg = eval_data_config(trained, dataset, data_dir)
+    prep = resolve_preprocessing(data_cfg, sources, preprocessing)
+    data_cfg = prep.data_cfg
     eval_set = create_dataset(data_cfg, split, build_transform(data_cfg, is_training=False),
                               class_names=trained.class_names)
     training = checkpoint.training or {}
@@ -232,5 +251,7 @@ def validate_checkpoint(  # noqa: PLR0913  (the command's flags, as timm's valid
     result.update(
         checkpoint=str(checkpoint_path), model=checkpoint.model_name or model_name, epoch=training.get("epoch"),
         dataset=data_cfg.dataset, split=split, weights="ema" if use_ema else "model",
-        class_names=trained.class_names)
+        class_names=trained.class_names, top1_err=100.0 - result["top1"], top5_err=100.0 - result["top5"],
+        param_count=round(sum(p.numel() for p in model.parameters()) / 1e6, 2), img_size=data_cfg.img_size,
+        crop_pct=data_cfg.crop_pct, interpolation=data_cfg.interpolation, preprocessing=prep.to_dict())
     return result

@@ -49,17 +49,12 @@ def duration(seconds: float) -> str:
 
 
 def track(iterable: Iterable, total: int, desc: str, info: DistInfo) -> Iterator:
-    """``iterable``, its progress shown on the primary process: a bar on a terminal, else a few log lines."""
+    """``iterable``, its progress shown as a bar on the primary process when stderr is a terminal; a log (a file,
+    torchrun's) gets nothing, as the line that follows the pass already says what it found."""
     if shows_bar(info):
         yield from tqdm(iterable, total=total, desc=desc, leave=False, dynamic_ncols=True, file=sys.stderr)
         return
-    interval = resolve_log_interval(0, total)
-    start = time.perf_counter()
-    for done, item in enumerate(iterable, 1):
-        yield item
-        if info.is_primary and done % interval == 0 and done < total:
-            seconds_left = (time.perf_counter() - start) / done * (total - done)
-            _logger.info("%s %d/%d batches | eta %s", desc, done, total, duration(seconds_left))
+    yield from iterable
 
 
 def expert_load(tokens: List[float], kept: List[float]) -> Dict[str, Any]:
