@@ -13,7 +13,7 @@ from typing import Optional, Tuple
 
 import numpy as np
 import torch
-from torch.utils.data import Dataset
+from torch.utils.data import Dataset, IterableDataset
 
 from gcvimoe.data.config import DataConfig
 from gcvimoe.data.factory import create_dataset
@@ -132,9 +132,10 @@ def probe_transform():
 
 
 def measure_mirroring(data_cfg: DataConfig) -> Optional[MirrorProbe]:
-    """The probe on ``data_cfg``'s training split, or None for a stream (no random access to sample from)."""
+    """The probe on ``data_cfg``'s training split, or None for a stream (reading a random sample from one means
+    reading the shards up to each image)."""
     train = create_dataset(data_cfg, "train", probe_transform(), skip_unreadable=True)
-    if not hasattr(train, "__getitem__") or not hasattr(train, "__len__") or len(train) == 0:
+    if isinstance(train, IterableDataset) or len(train) == 0:
         return None
     return probe_dataset(train, len(data_cfg.class_names))
 

@@ -79,8 +79,9 @@ class TrainConfig:
                                                 "for fewer or larger images, see gcvimoe.train.recipe)",
                                           check=_LOW_HIGH)
     ratio: List[float] = option([0.8, 1.25], "random-resized-crop aspect-ratio range", check=_LOW_HIGH)
-    hflip: Optional[float] = option(None, "horizontal flip probability (null = 0.5 for folders and Fashion-MNIST, 0 "
-                                          "for the digits)", check=NOT_NEGATIVE)
+    hflip: Optional[float] = option(None, "horizontal flip probability (null = decided from the training images: 0 "
+                                          "when mirroring them costs a probe its accuracy, as for text and digits, "
+                                          "else 0.5)", check=NOT_NEGATIVE)
     color_jitter: float = option(0.0, "colour jitter strength (0 = off)", check=NOT_NEGATIVE)
     auto_augment: Optional[str] = option(None, "timm auto-augment policy, e.g. rand-m9-mstd0.5-inc1 (null = off)")
     reprob: float = option(0.0, "random erasing probability", check=NOT_NEGATIVE)
