@@ -251,12 +251,13 @@ def _percent(value) -> str:
 
 
 def report() -> None:
+    from gcvimoe.data.flip_probe import MAX_MIRROR_LOSS
     lines = [
         "The probe (`gcvimoe.data.flip_probe`) on the training images of each folder "
         "(`python benchmarks/flip_probe.py make probe run report`): nearest-class-mean top-1 on up to 3,000 training "
         "images at 16 px grey, each left out of its own class's mean, and the same with the queries mirrored. "
-        "'loss' is the share of the above-chance accuracy that mirroring costs; over 20 % the plain command trains "
-        "without flips. Then the plain `gcvimoe train --data-dir DIR --epochs "
+        "'loss' is the share of the above-chance accuracy that mirroring costs; over "
+        f"{100 * MAX_MIRROR_LOSS:.0f} % the plain command trains without flips. Then the plain `gcvimoe train --data-dir DIR --epochs "
         f"{EPOCHS} --seed {SEED}` against the same command with the other flip setting (one seed; the last epoch's "
         "val top-1; small folders, so a point is a few images).",
         "",
