@@ -317,3 +317,13 @@ def test_two_processes_by_two_workers_train_on_shards_under_torchrun(digits_shar
     capsys.readouterr()
     assert main(["validate", "--checkpoint", str(tmp_path / "ddp" / "last.pth"), "--json", "--workers", "0"]) == 0
     assert '"num_images": 360' in capsys.readouterr().out
+
+
+def test_the_flip_probe_samples_a_folder_but_not_a_stream(digits_folder, digits_shards):
+    """The digits as a folder: mirroring costs the probe most of its accuracy, so no flips. The same images as shards
+    are a stream the probe cannot sample at random: flips are assumed, and the reason says so."""
+    from gcvimoe.data.flip_probe import flip_default
+    hflip, why = flip_default("folder", resolve_data_config("folder", str(digits_folder)))
+    assert hflip == 0.0 and why.startswith("from the data: mirrored images lose ")
+    hflip, why = flip_default("wds", resolve_data_config("wds", str(digits_shards)))
+    assert hflip == 0.5 and why.startswith("the data could not be probed")

@@ -84,18 +84,20 @@ def config_from_args(args: argparse.Namespace):
 
 
 def _with_data(cfg):
-    """The config with the data-derived values filled in, when the data can be read now (else None)."""
+    """The config with the data-derived values filled in and the header lines saying why, when the data can be read
+    now (else None and none)."""
     from gcvimoe.train.build import derive_from_data
     try:
-        return derive_from_data(cfg)[0]
+        derived, _, notes = derive_from_data(cfg)
+        return derived, notes
     except GcvimoeError:
-        return None
+        return None, []
 
 
 def run(args: argparse.Namespace) -> int:
     cfg, checkpoint, origins, notes = config_from_args(args)
     if args.print_config:
-        print(config_yaml(cfg, _with_data(cfg)), end="")
+        print(config_yaml(cfg, *_with_data(cfg)), end="")
         return 0
     from gcvimoe.train.checkpointing import never_checkpointed
     from gcvimoe.train.trainer import train

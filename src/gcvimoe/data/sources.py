@@ -48,14 +48,15 @@ class DataSource:
     Attributes:
         name: The ``--dataset`` name it is registered under.
         in_memory: The images are arrays in memory: loader processes cost more than they save (workers default 0).
-        mirror_symmetric: A mirrored image is the same class (the hflip default: 0.5, else 0).
+        mirror_symmetric: A mirrored image is the same class (the hflip default: 0.5, else 0); None: the images
+            decide (:mod:`gcvimoe.data.flip_probe`).
         grey_images: Its images are always 'L', so an RGB model gets the grey channel three times.
         fixed_classes: Labels are indices into its own classes: evaluating a model on it needs the same class list
             (a folder instead labels by class folder name, so any subset of the training classes will do).
     """
     name = ""
     in_memory = False
-    mirror_symmetric = True
+    mirror_symmetric: Optional[bool] = None
     grey_images = False
     fixed_classes = True
 

@@ -125,7 +125,7 @@ def derive_from_data(cfg: TrainConfig):
     if any(getattr(cfg, key) is None for key in DERIVED_RECIPE):
         global_batch = cfg.batch_size * cfg.grad_accum_steps * int(os.environ.get("WORLD_SIZE", "1"))
         chosen, recipe_notes = derive_recipe(cfg.to_dict(), cfg.resolved_dataset, train_image_count(data_cfg),
-                                             data_cfg.img_size, global_batch, cfg.epochs)
+                                             data_cfg.img_size, global_batch, cfg.epochs, data_cfg)
         cfg = dataclasses.replace(cfg, **chosen)
         notes += recipe_notes
     return cfg, data_cfg, notes

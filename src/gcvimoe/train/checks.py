@@ -6,8 +6,11 @@
   one with ``strict_data``. ``check_data`` decodes every image before the first step; a resumed run re-reads the
   images its ``bad_files.txt`` lists, so its counts and its list carry on.
 - The output folder must be a writable folder with room for the checkpoints before the first step.
+- A run still at chance after its warmup (top-1 near one over the classes, eval loss near ln(classes) or above) is
+  told so once, with the likely fixes; it goes on, since some runs do leave chance late.
 """
 import logging
+import math
 import os
 import shutil
 import sys
@@ -174,3 +177,26 @@ def _output_problem(output_dir: Path, needed_bytes: int):
         return (f"the output folder {output_dir} has {free / 2**20:.0f} MiB free, the run needs about "
                 f"{needed_bytes / 2**20:.0f} MiB for its checkpoints; free disk space or choose another --output")
     return None
+
+
+CHANCE_TOP1_FACTOR = 1.5
+"""Top-1 under this many times chance counts as chance (a model that learnt anything clears it)."""
+CHANCE_LOSS_FRACTION = 0.9
+"""Eval loss at or above this share of ln(classes) counts as chance (a uniform guess scores ln(classes))."""
+
+
+def at_chance(eval_top1: float, eval_loss: float, num_classes: int) -> bool:
+    """Whether an evaluation (top-1 in %) is what guessing would give."""
+    return (num_classes > 1 and eval_top1 < CHANCE_TOP1_FACTOR * 100 / num_classes
+            and eval_loss >= CHANCE_LOSS_FRACTION * math.log(num_classes))
+
+
+def check_learning(row: Dict[str, float], warmup_epochs: float, num_classes: int, lr: float) -> None:
+    """At the first epoch that ends after the warmup, one warning line when the run is still at chance."""
+    epoch = int(row["epoch"])
+    if epoch != max(1, math.ceil(warmup_epochs)) or not at_chance(row["eval_top1"], row["eval_loss"], num_classes):
+        return
+    _logger.warning("the model is not learning: after epoch %d (warmup %g epochs) it is still at chance (top-1 %.2f "
+                    "%%, eval loss %.3f; guessing gives %.2f %% and %.3f); likely fixes: a lower --lr (now %g) or a "
+                    "longer --warmup-epochs", epoch, warmup_epochs, row["eval_top1"], row["eval_loss"],
+                    100 / num_classes, math.log(num_classes), lr)

@@ -14,7 +14,7 @@ import warnings
 import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Dict, List, Mapping, Optional, Union
+from typing import Any, Dict, List, Mapping, Optional, Sequence, Union
 
 import yaml
 
@@ -79,8 +79,9 @@ class TrainConfig:
                                                 "for fewer or larger images, see gcvimoe.train.recipe)",
                                           check=_LOW_HIGH)
     ratio: List[float] = option([0.8, 1.25], "random-resized-crop aspect-ratio range", check=_LOW_HIGH)
-    hflip: Optional[float] = option(None, "horizontal flip probability (null = 0.5 for folders and Fashion-MNIST, 0 "
-                                          "for the digits)", check=NOT_NEGATIVE)
+    hflip: Optional[float] = option(None, "horizontal flip probability (null = decided from the training images: 0 "
+                                          "when mirroring them costs a probe its accuracy, as for text and digits, "
+                                          "else 0.5)", check=NOT_NEGATIVE)
     color_jitter: float = option(0.0, "colour jitter strength (0 = off)", check=NOT_NEGATIVE)
     auto_augment: Optional[str] = option(None, "timm auto-augment policy, e.g. rand-m9-mstd0.5-inc1 (null = off)")
     reprob: float = option(0.0, "random erasing probability", check=NOT_NEGATIVE)
@@ -338,16 +339,20 @@ def _flat(cfg: TrainConfig) -> Dict[str, Any]:
 DATA_DERIVED = ("img_size", "in_chans", "workers", "threads", "warmup_epochs", "scale", "hflip", "drop_path_rate")
 
 
-def config_yaml(cfg: TrainConfig, derived: Optional[TrainConfig] = None) -> str:
+def config_yaml(cfg: TrainConfig, derived: Optional[TrainConfig] = None, notes: Sequence[str] = ()) -> str:
     """The config as YAML, in the form ``-c`` reads back. The keys the data decides (:data:`DATA_DERIVED`) that
-    ``cfg`` leaves null carry a comment: their values from ``derived`` (the config with the data read), or, without
-    it, that the data decides them at start."""
+    ``cfg`` leaves null carry a comment: their values from ``derived`` (the config with the data read) and the reason
+    its header line gives (``notes``: ``"KEY VALUE (why)"``), or, without ``derived``, that the data decides them at
+    start."""
+    reasons = {note.split(" ", 1)[0]: note[note.index("(") + 1:-1] for note in notes
+               if "(" in note and note.endswith(")")}
     lines = yaml.safe_dump(cfg.to_dict(), sort_keys=False).splitlines()
     for i, line in enumerate(lines):
         key = line.split(":", 1)[0]
         if key in DATA_DERIVED and getattr(cfg, key) is None:
             value = getattr(derived, key) if derived is not None else None
-            lines[i] = f"{key}: {value}  # from the data" if value is not None else f"{line}  # from the data at start"
+            why = reasons.get(key, "from the data")
+            lines[i] = f"{key}: {value}  # {why}" if value is not None else f"{line}  # from the data at start"
     return "\n".join(lines) + "\n"
 
 

@@ -14,13 +14,15 @@ the digits recipe; ``benchmarks/small_images.py`` reports what they reach on dat
   memorised sooner; larger inputs take stronger crops, since a crop of a large image keeps more of its content than
   a crop of a 28 px one.
 - ``drop_path_rate``: more stochastic depth for fewer images, for the same reason.
-- ``hflip``: 0.5 for sources of mirror-symmetric data (folders, shards, Fashion-MNIST: objects, clothes, scenes), 0
-  for the digits; a folder of text or digits needs ``--hflip 0``, which the data cannot tell.
+- ``hflip``: 0 for the digits; for other data the training images decide (:mod:`gcvimoe.data.flip_probe`): when
+  mirroring them costs a simple probe much of its accuracy (text, digits, symbols), no flips, else 0.5 (objects,
+  clothes, scenes, textures).
 """
 import math
-from typing import Any, Dict, List, Tuple
+from typing import Any, Dict, List, Optional, Tuple
 
-from gcvimoe.data import get_source
+from gcvimoe.data import DataConfig
+from gcvimoe.data.flip_probe import flip_default
 
 SMALL_IMAGE_MAX = 64
 """Inputs up to this size (px) count as small images (the crop range below)."""
@@ -51,17 +53,18 @@ def _between(ends: Tuple[float, float], position: float) -> float:
 
 
 def derive_recipe(values: Dict[str, Any], dataset: str, num_images: int, img_size: int, global_batch: int,
-                  epochs: int) -> Tuple[Dict[str, Any], List[str]]:
+                  epochs: int, data_cfg: Optional[DataConfig] = None) -> Tuple[Dict[str, Any], List[str]]:
     """The values for the keys of :data:`DERIVED_RECIPE` that ``values`` (a config as a dict) leaves null, and a
     header line per value saying why.
 
     Args:
         values: The config's keys and values; only null keys are decided.
-        dataset: The data source's name (its ``mirror_symmetric`` decides the flip).
+        dataset: The data source's name (its ``mirror_symmetric``, when set, decides the flip).
         num_images: Training images.
         img_size: The model's input size in pixels.
         global_batch: Images per optimiser update over all processes.
         epochs: Epochs of the schedule.
+        data_cfg: The data, for the flip probe to sample its training images; without it flips are assumed.
     """
     chosen: Dict[str, Any] = {}
     notes: List[str] = []
@@ -83,9 +86,6 @@ def derive_recipe(values: Dict[str, Any], dataset: str, num_images: int, img_siz
         notes.append(f"drop_path_rate {chosen['drop_path_rate']:g} (from the data: {num_images} training images; "
                      "fewer images, more stochastic depth)")
     if values.get("hflip") is None:
-        mirror_symmetric = get_source(dataset).mirror_symmetric
-        chosen["hflip"] = 0.5 if mirror_symmetric else 0.0
-        why = f"{dataset} data: mirror-symmetric objects assumed; set 0 for text and digits" if mirror_symmetric \
-            else f"{dataset} are not mirror-symmetric"
+        chosen["hflip"], why = flip_default(dataset, data_cfg)
         notes.append(f"hflip {chosen['hflip']:g} ({why})")
     return chosen, notes

@@ -54,7 +54,8 @@ from gcvimoe.train.build import build_run, log_header, wrap
 from gcvimoe.train.checkpointing import (
     check_output_dir, repair_after_kill, restore, save_run_checkpoint, write_model_folder)
 from gcvimoe.train.checks import (
-    check_output_folder, checkpoint_bytes, collect_unreadable, listing_unreadable_on_error, prepare_data)
+    check_learning, check_output_folder, checkpoint_bytes, collect_unreadable, listing_unreadable_on_error,
+    prepare_data)
 from gcvimoe.train.config import TrainConfig, save_config
 from gcvimoe.train.durations import parse_duration
 from gcvimoe.train.distributed import (
@@ -175,6 +176,8 @@ def run_epoch(run: Run, state: TrainState, epoch: int, writer: ScalarLog) -> Dic
                                     **expert_load_scalars(eval_result["experts"], "eval_experts")})
     _log_epoch(row, run.total_epochs, time.perf_counter() - epoch_start, unreadable)
     _advise_on_drops(run, epoch, row["dropped_fraction"])
+    if run.info.is_primary:
+        check_learning(row, run.cfg.warmup_epochs, run.data_cfg.num_classes, run.cfg.lr)
     return eval_result
 
 
