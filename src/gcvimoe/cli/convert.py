@@ -16,8 +16,8 @@ import torch
 from gcvimoe.data.shards import write_shards
 from gcvimoe.errors import GcvimoeError
 from gcvimoe.models import (
-    create_model_from_checkpoint, load_weights, model_from_checkpoint, read_checkpoint, save_model, upcycle)
-from gcvimoe.models.export import dense_twin, export_onnx, onnx_max_difference
+    load_weights, model_from_checkpoint, read_checkpoint, save_model, upcycle)
+from gcvimoe.models.export import at_input_size, dense_twin, export_onnx, onnx_max_difference, onnx_metadata
 from gcvimoe.moe import moe_layers
 
 
@@ -43,9 +43,14 @@ def configure(parser: argparse.ArgumentParser) -> None:
     ex.add_argument('--checkpoint', required=True)
     ex.add_argument('--output', required=True, help='a folder, or a file ending in .safetensors')
     ex.add_argument('--use-ema', action='store_true', help='export the EMA weights of a training checkpoint')
-    onnx = sub.add_parser('onnx', help='write the eval model as ONNX (dynamic batch; MoE layers export dropless)')
+    onnx = sub.add_parser('onnx', help='write the eval model as ONNX (dynamic batch; MoE layers export dropless; '
+                                       'labels and preprocessing in its metadata)')
     onnx.add_argument('--checkpoint', required=True)
     onnx.add_argument('--output', required=True)
+    onnx.add_argument('--opset', type=int, default=None, help="the ONNX opset (default: torch's exporter's)")
+    onnx.add_argument('--input-size', type=int, nargs=3, metavar=('C', 'H', 'W'), default=None,
+                      help="export for another height and width, as timm's --input-size (default: the trained "
+                           "size; GC ViT's windows fix the size in the graph)")
     onnx.add_argument('--no-check', action='store_true', help='skip comparing onnxruntime with PyTorch')
     hub = sub.add_parser('hub', help='write a training run as a Hugging Face Hub folder: the model folder timm loads '
                                      'and a model card (README.md) with the run\'s recipe and results')
@@ -76,15 +81,25 @@ def _placement(text):
 
 
 def _onnx(args: argparse.Namespace) -> int:
-    model = create_model_from_checkpoint(args.checkpoint)
+    checkpoint = read_checkpoint(args.checkpoint)
+    model = model_from_checkpoint(checkpoint)
+    if args.input_size is not None:
+        chans, height, width = args.input_size
+        if chans != model.pretrained_cfg['input_size'][0]:
+            raise GcvimoeError(f"--input-size {chans} {height} {width}: the model takes "
+                               f"{model.pretrained_cfg['input_size'][0]} channels; keep C at that")
+        model = at_input_size(model, height, width, checkpoint)
     layers = dict(moe_layers(model))
     if layers and any(layer.config.eval_capacity_factor > 0 for layer in layers.values()):
         print(f"note: {args.checkpoint} evaluates with capacity (eval_capacity_factor "
               f"{next(iter(layers.values())).config.eval_capacity_factor}); the ONNX export is dropless: every token "
               f"gets its experts")
-    path = export_onnx(model, args.output)
+    metadata = onnx_metadata(model, checkpoint.data_config)
+    path = export_onnx(model, args.output, opset=args.opset, metadata=metadata)
     what = f"{len(layers)} MoE layers, dropless" if layers else "dense"
-    print(f"wrote {path} ({model.model_name}, {what}, dynamic batch)")
+    labels = f", {len(metadata['labels'])} labels" if 'labels' in metadata else ""
+    print(f"wrote {path} ({model.model_name}, {what}, dynamic batch, input {'x'.join(map(str, metadata['input_size']))}"
+          f"{labels}; mean/std and labels in its metadata)")
     if not args.no_check:
         print(f"onnxruntime vs PyTorch logits, random batch of 2: max abs difference "
               f"{onnx_max_difference(model, path):.2e}")

@@ -53,16 +53,21 @@ def save_model(model: nn.Module, path: PathLike, data_config: Optional[Dict[str,
     return path
 
 
-def export_onnx(model: nn.Module, path: PathLike) -> Path:
+def export_onnx(model: nn.Module, path: PathLike, opset: Optional[int] = None,
+                metadata: Optional[Dict[str, Any]] = None) -> Path:
     """Write the eval model as ONNX (torch's dynamo exporter) with a dynamic batch dimension, atomically.
+
+    Height and width stay the model's: GC ViT's windows and its global query tokens are built for one feature
+    size (:func:`at_input_size` builds the model for another). ``metadata`` goes into the file's
+    ``metadata_props``, each value as JSON (:func:`onnx_metadata`: labels and preprocessing).
 
     MoE layers export dropless: every expert runs on every token and each token takes its experts' rows
     (``num_experts`` times the expert FLOPs, see :meth:`gcvimoe.moe.MoE._exported_forward`), so the graph has no
     shape that depends on the routing.
     """
     try:
-        import onnx  # noqa: F401  (torch's exporter needs both)
-        import onnxscript  # noqa: F401
+        import onnx
+        import onnxscript  # noqa: F401  (torch's exporter needs it)
     except ImportError:
         raise GcvimoeError("ONNX export needs onnx and onnxscript: pip install 'gcvimoe[export]'") from None
     model = model.eval()
@@ -72,8 +77,43 @@ def export_onnx(model: nn.Module, path: PathLike) -> Path:
     path = Path(path)
     with atomic_path(path) as tmp, torch.no_grad():
         torch.onnx.export(model, (example,), str(tmp), input_names=['images'], output_names=['logits'],
-                          dynamic_shapes={'x': {0: batch}}, dynamo=True, external_data=False, verbose=False)
+                          dynamic_shapes={'x': {0: batch}}, dynamo=True, external_data=False, verbose=False,
+                          opset_version=opset)
+        if metadata:
+            proto = onnx.load(str(tmp))
+            for key, value in metadata.items():
+                entry = proto.metadata_props.add()
+                entry.key, entry.value = key, json.dumps(value)
+            onnx.save(proto, str(tmp))
     return path
+
+
+def onnx_metadata(model: nn.Module, data_config: Optional[Dict[str, Any]]) -> Dict[str, Any]:
+    """What a consumer of the ONNX file needs beside the graph: the model, its input, labels and preprocessing
+    (the trained mean, std, crop and interpolation where the checkpoint records them, else the model's defaults)."""
+    cfg = dict(model.pretrained_cfg)
+    metadata = {'model_name': model.model_name, 'input_size': [cfg['input_size'][0], *model.img_size],
+                'mean': list(cfg['mean']), 'std': list(cfg['std']), 'crop_pct': cfg.get('crop_pct'),
+                'interpolation': cfg.get('interpolation')}
+    if data_config:
+        metadata.update({key: data_config[key] for key in ('crop_pct', 'interpolation') if key in data_config})
+        metadata.update({key: list(data_config[key]) for key in ('mean', 'std') if key in data_config})
+        if data_config.get('class_names'):
+            metadata['labels'] = list(data_config['class_names'])
+    return metadata
+
+
+def at_input_size(model: nn.Module, height: int, width: int, source: Checkpoint) -> nn.Module:
+    """``model`` built for ``height x width`` with the weights of ``source``, resized as for a fine-tune (the
+    relative position tables interpolated to the new windows)."""
+    if (height, width) == tuple(model.img_size):
+        return model
+    if height % 32 or width % 32:
+        raise GcvimoeError(f"--input-size {height} x {width}: GC ViT needs a height and width that are multiples of "
+                           f"32; pick e.g. {max(32, round(height / 32) * 32)} x {max(32, round(width / 32) * 32)}")
+    other = build_model(model.model_name, {**model.model_args, 'img_size': (height, width)})
+    load_initial_weights(other, source)
+    return other.eval()
 
 
 def onnx_max_difference(model: nn.Module, path: PathLike, batch_size: int = 2) -> float:
