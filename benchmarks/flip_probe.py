@@ -276,7 +276,7 @@ def report() -> None:
                      f"{100 * measured.mirrored_accuracy:.1f} | {100 * measured.loss:.0f} % | {hflip:g} | "
                      f"{_percent(plain)} | --hflip {0.5 if hflip == 0 else 0:g} | {_percent(other)} | {diff} |")
     lines += ["", "The recipe without warmup and at twice its lr, on the embedded digits (`gcvimoe train` with the "
-              "flags below; default model gcvimoe_pico, whose classifier starts at zero): top-1 after each epoch.", "",
+              "flags below; default model gcvimoe_pico): top-1 after each epoch.", "",
               "| run | flags | loss at the first step | top-1 per epoch |", "|---|---|---|---|"]
     for name, flags in RECIPE_RUNS.items():
         folder = OUT / "recipe" / name.replace(" ", "_").replace(",", "")

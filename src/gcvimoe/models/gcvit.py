@@ -63,12 +63,7 @@ def _channels_last_strides(weight: nn.Parameter) -> None:
 
 def _vit_init(module: nn.Module, name: str = '') -> None:
     """timm's ``'vit'`` scheme for GC ViT, extended to stacked experts (see ``GlobalContextVit``'s ``weight_init``)."""
-    if isinstance(module, nn.Linear) and name == 'head.fc':
-        # a zero classifier starts every class at the same logit (loss ln(classes)), as timm's ViT 'jax' scheme: an
-        # Xavier head starts far above it, and without warmup its first large updates throw the routers off
-        nn.init.zeros_(module.weight)
-        nn.init.zeros_(module.bias)
-    elif isinstance(module, nn.Linear) and not name.endswith('shared_expert_gate'):
+    if isinstance(module, nn.Linear) and not name.endswith('shared_expert_gate'):
         nn.init.xavier_uniform_(module.weight)
         if module.bias is not None:
             nn.init.normal_(module.bias, std=1e-6) if 'mlp' in name else nn.init.zeros_(module.bias)
