@@ -23,7 +23,7 @@ on one half of Fashion-MNIST's classes, saved as a timm ``gcvit_xxtiny`` state d
 half, both as 64 px RGB folders, by ``gcvimoe train --data-dir D --initial-checkpoint F --epochs 3`` (no ``-c``:
 the fine-tune recipe) and by the same command with ``-c gcvimoe_tiny`` (the from-scratch ImageNet recipe).
 
-    python benchmarks/finetune.py --from-timm                # 2500 pre-training, 1000 + 500 fine-tuning images
+    python benchmarks/finetune.py --from-timm --train-images 1000 --test-images 500   # 2500 pre-training images
 """
 import argparse
 import csv

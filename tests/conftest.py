@@ -20,3 +20,10 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="session")
+def data_dir(tmp_path_factory):
+    """The default generated image folder (``train/``, ``val/``), shared and read-only: a test that writes copies it."""
+    from helpers import make_image_folder  # here, not above: it imports Triton, which must see TRITON_INTERPRET first
+    return make_image_folder(tmp_path_factory.mktemp("images"))

@@ -103,7 +103,8 @@ def test_new_routing_does_not_recompile(path):
     assert len({tuple(c) for c in counts}) == 3  # the routing did change
 
 
-@pytest.mark.parametrize("name", ["gcvimoe_nano", "gcvimoe_xxtiny"])
+# xxtiny runs nano's code with wider layers and more blocks; it only costs time (make test-slow runs it)
+@pytest.mark.parametrize("name", ["gcvimoe_nano", pytest.param("gcvimoe_xxtiny", marks=pytest.mark.slow)])
 @pytest.mark.parametrize("train", [True, False], ids=["train", "eval"])
 def test_models_compile_fullgraph_and_equal_eager(name, train):
     torch.manual_seed(0)

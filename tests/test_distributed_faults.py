@@ -15,6 +15,8 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from timm.optim import create_optimizer_v2
 
+from helpers import make_image_folder
+
 from gcvimoe.cli import main
 from gcvimoe.errors import GcvimoeError
 from gcvimoe.models import create_model, read_checkpoint
@@ -236,7 +238,6 @@ TINY = ["--model", "gcvimoe_nano", "--model-kwargs", "{embed_dim: 16}", "--num-e
 
 
 def test_an_expert_parallel_run_saves_sharded_and_resumes_on_one_process(tmp_path, capsys):
-    from tests.test_train import make_image_folder
     data = make_image_folder(tmp_path / "images", train_per_class=4, val_per_class=2)
     output = tmp_path / "run"
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",

@@ -13,7 +13,7 @@ import torch.multiprocessing as mp
 from timm.optim import create_optimizer_v2
 
 from gcvimoe.cli import main
-from helpers import CLASSES, make_image_folder, read_summary
+from helpers import CLASSES, read_summary
 from gcvimoe.data import create_loader
 from gcvimoe.models import model_from_checkpoint
 from gcvimoe.train.config import build_config
@@ -33,11 +33,6 @@ TINY = ["--model", "gcvimoe_nano", "--model-kwargs", "{embed_dim: 16}", "--num-e
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-
-@pytest.fixture(scope="module")
-def data_dir(tmp_path_factory):
-    return make_image_folder(tmp_path_factory.mktemp("images"))
 
 
 @pytest.fixture(scope="module")

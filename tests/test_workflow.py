@@ -13,7 +13,7 @@ import pytest
 import timm
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 import torch
-from helpers import CLASSES, assert_one_error_line, make_image_folder, read_summary, run_cli
+from helpers import CLASSES, assert_one_error_line, read_summary, run_cli
 
 from gcvimoe.cli import main
 from gcvimoe.data import build_transform, create_dataset, create_loader, resolve_data_config
@@ -27,11 +27,6 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 NANO = {"model": "gcvimoe_nano", "model_kwargs": {"embed_dim": 16}, "img_size": 32, "batch_size": 6, "workers": 0,
         "threads": 1, "warmup_epochs": 0, "lr": 2e-3, "scale": [0.8, 1.0]}
-
-
-@pytest.fixture(scope="module")
-def data_dir(tmp_path_factory):
-    return make_image_folder(tmp_path_factory.mktemp("data"))
 
 
 @pytest.fixture(scope="module")

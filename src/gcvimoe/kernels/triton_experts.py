@@ -39,9 +39,9 @@ ACTIVATIONS = {'none': 0, 'gelu': 1, 'gelu_tanh': 2}
 
 
 @triton.jit
-def _tile_of(pid, bounds_ptr, NUM_EXPERTS: tl.constexpr, BLOCK_M: tl.constexpr):
-    """``(expert, first row, end of the expert's rows)`` of tile ``pid``; first row -1 for a program past the last
-    tile (the grid has room for one partial tile per expert)."""
+def _tile_rows(pid, bounds_ptr, NUM_EXPERTS: tl.constexpr, BLOCK_M: tl.constexpr):
+    """``(expert, rows [BLOCK_M], row mask)`` of tile ``pid``; all rows masked for a program past the last tile (the
+    grid has room for one partial tile per expert)."""
     tile_start = 0
     row_start = -1
     row_end = 0
@@ -55,7 +55,8 @@ def _tile_of(pid, bounds_ptr, NUM_EXPERTS: tl.constexpr, BLOCK_M: tl.constexpr):
         row_end = tl.where(hit, hi, row_end)
         expert = tl.where(hit, e, expert)
         tile_start += tiles
-    return expert, row_start, row_end
+    rows = row_start + tl.arange(0, BLOCK_M)
+    return expert, rows, (rows < row_end) & (row_start >= 0)
 
 
 @triton.jit
@@ -91,20 +92,20 @@ def _activation_grad(x, ACTIVATION: tl.constexpr):
 
 
 @triton.jit
-def _rows_gemm_kernel(a_ptr, w_ptr, bias_ptr, gate_ptr, out_ptr, pre_ptr, assignment_ptr, bounds_ptr,
-                      num_tokens, inner, cols, stride_a, stride_we, stride_wk, stride_wn, stride_out, capacity,
-                      NUM_EXPERTS: tl.constexpr, A_MODE: tl.constexpr, OUT_MODE: tl.constexpr,
-                      HAS_BIAS: tl.constexpr, HAS_GATE: tl.constexpr, ACTIVATION: tl.constexpr,
-                      STORE_PRE: tl.constexpr, IEEE: tl.constexpr,
-                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-    expert, row_start, row_end = _tile_of(tl.program_id(0), bounds_ptr, NUM_EXPERTS, BLOCK_M)
-    rows = row_start + tl.arange(0, BLOCK_M)
-    row_mask = (rows < row_end) & (row_start >= 0)
-    a_rows = _map_rows(rows, row_mask, assignment_ptr, num_tokens, A_MODE).to(tl.int64)
-    cols_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
-    col_mask = cols_n < cols
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    w_base = w_ptr + expert.to(tl.int64) * stride_we
+def _kept_gates(rows, row_mask, row_start_of_expert, gate_ptr, assignment_ptr, capacity):
+    """The gate of each row's assignment ``[BLOCK]`` in fp32, 0 past its expert's capacity (``capacity`` < 0: none)."""
+    assignment = tl.load(assignment_ptr + rows, mask=row_mask, other=0)
+    gate = tl.load(gate_ptr + assignment, mask=row_mask, other=0.).to(tl.float32)
+    if capacity >= 0:
+        gate = tl.where(rows < row_start_of_expert + capacity, gate, 0.)
+    return gate
+
+
+@triton.jit
+def _rows_times_weight(acc, a_ptr, a_rows, stride_a, row_mask, w_base, stride_wk, stride_wn, cols_n, col_mask, inner,
+                       IEEE: tl.constexpr, BLOCK_K: tl.constexpr):
+    """``acc + a[a_rows] @ w[:, cols_n]`` for one tile, in fp32: the rows gathered as the tile reads them. The caller
+    makes ``acc`` (Triton's interpreter cannot run ``tl.zeros``, itself jitted, from a nested function)."""
     for k0 in range(0, inner, BLOCK_K):
         ks = k0 + tl.arange(0, BLOCK_K)
         k_mask = ks < inner
@@ -116,6 +117,23 @@ def _rows_gemm_kernel(a_ptr, w_ptr, bias_ptr, gate_ptr, out_ptr, pre_ptr, assign
             acc += tl.dot(a, w, input_precision="ieee")
         else:
             acc += tl.dot(a, w)
+    return acc
+
+
+@triton.jit
+def _rows_gemm_kernel(a_ptr, w_ptr, bias_ptr, gate_ptr, out_ptr, pre_ptr, assignment_ptr, bounds_ptr,
+                      num_tokens, inner, cols, stride_a, stride_we, stride_wk, stride_wn, stride_out, capacity,
+                      NUM_EXPERTS: tl.constexpr, A_MODE: tl.constexpr, OUT_MODE: tl.constexpr,
+                      HAS_BIAS: tl.constexpr, HAS_GATE: tl.constexpr, ACTIVATION: tl.constexpr,
+                      STORE_PRE: tl.constexpr, IEEE: tl.constexpr,
+                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    expert, rows, row_mask = _tile_rows(tl.program_id(0), bounds_ptr, NUM_EXPERTS, BLOCK_M)
+    a_rows = _map_rows(rows, row_mask, assignment_ptr, num_tokens, A_MODE).to(tl.int64)
+    cols_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    col_mask = cols_n < cols
+    acc = _rows_times_weight(tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32), a_ptr, a_rows, stride_a, row_mask,
+                             w_ptr + expert.to(tl.int64) * stride_we, stride_wk, stride_wn, cols_n, col_mask, inner,
+                             IEEE, BLOCK_K)
     if HAS_BIAS:
         acc += tl.load(bias_ptr + expert * cols + cols_n, mask=col_mask, other=0.).to(tl.float32)[None, :]
     mask = row_mask[:, None] & col_mask[None, :]
@@ -124,24 +142,10 @@ def _rows_gemm_kernel(a_ptr, w_ptr, bias_ptr, gate_ptr, out_ptr, pre_ptr, assign
         tl.store(pre_ptr + rows.to(tl.int64)[:, None] * stride_out + cols_n[None, :],
                  acc.to(pre_ptr.dtype.element_ty), mask=mask)
     acc = _activate(acc, ACTIVATION)
-    if HAS_GATE:  # the gate of the row's assignment; 0 past the expert's capacity
-        assignment = tl.load(assignment_ptr + rows, mask=row_mask, other=0)
-        gate = tl.load(gate_ptr + assignment, mask=row_mask, other=0.).to(tl.float32)
-        if capacity >= 0:
-            gate = tl.where(rows < tl.load(bounds_ptr + expert) + capacity, gate, 0.)
-        acc = acc * gate[:, None]
+    if HAS_GATE:
+        acc = acc * _kept_gates(rows, row_mask, tl.load(bounds_ptr + expert), gate_ptr, assignment_ptr, capacity)[:, None]
     tl.store(out_ptr + out_rows[:, None] * stride_out + cols_n[None, :], acc.to(out_ptr.dtype.element_ty),
              mask=mask)
-
-
-@triton.jit
-def _kept_gates(rows, row_mask, row_start_of_expert, gate_ptr, assignment_ptr, capacity):
-    """The gate of each row's assignment ``[BLOCK]`` in fp32, 0 past its expert's capacity (``capacity`` < 0: none)."""
-    assignment = tl.load(assignment_ptr + rows, mask=row_mask, other=0)
-    gate = tl.load(gate_ptr + assignment, mask=row_mask, other=0.).to(tl.float32)
-    if capacity >= 0:
-        gate = tl.where(rows < row_start_of_expert + capacity, gate, 0.)
-    return gate
 
 
 @triton.jit
@@ -151,9 +155,7 @@ def _rows_gemm_gate_grad_kernel(grad_ptr, w_ptr, bias_ptr, gate_ptr, pre_ptr, ac
                                 NUM_EXPERTS: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_MASK: tl.constexpr,
                                 ACTIVATION: tl.constexpr, IEEE: tl.constexpr,
                                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-    expert, row_start, row_end = _tile_of(tl.program_id(0), bounds_ptr, NUM_EXPERTS, BLOCK_M)
-    rows = row_start + tl.arange(0, BLOCK_M)
-    row_mask = (rows < row_end) & (row_start >= 0)
+    expert, rows, row_mask = _tile_rows(tl.program_id(0), bounds_ptr, NUM_EXPERTS, BLOCK_M)
     tokens = _map_rows(rows, row_mask, assignment_ptr, num_tokens, 1).to(tl.int64)
     group_start = tl.load(bounds_ptr + expert)
     gate = _kept_gates(rows, row_mask, group_start, gate_ptr, assignment_ptr, capacity)
@@ -162,18 +164,9 @@ def _rows_gemm_gate_grad_kernel(grad_ptr, w_ptr, bias_ptr, gate_ptr, pre_ptr, ac
     for n0 in range(0, cols, BLOCK_N):
         cols_n = n0 + tl.arange(0, BLOCK_N)
         col_mask = cols_n < cols
-        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)  # d out / d act, before the gate
-        for k0 in range(0, inner, BLOCK_K):
-            ks = k0 + tl.arange(0, BLOCK_K)
-            k_mask = ks < inner
-            g = tl.load(grad_ptr + tokens[:, None] * inner + ks[None, :], mask=row_mask[:, None] & k_mask[None, :],
-                        other=0.)
-            w = tl.load(w_base + ks[:, None] * stride_wk + cols_n[None, :] * stride_wn,
-                        mask=k_mask[:, None] & col_mask[None, :], other=0.)
-            if IEEE:
-                acc += tl.dot(g, w, input_precision="ieee")
-            else:
-                acc += tl.dot(g, w)
+        acc = _rows_times_weight(tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32), grad_ptr, tokens, inner, row_mask,
+                                 w_base, stride_wk, stride_wn, cols_n, col_mask, inner, IEEE,
+                                 BLOCK_K)  # d out / d act, before the gate
         mask = row_mask[:, None] & col_mask[None, :]
         offsets = rows.to(tl.int64)[:, None] * cols + cols_n[None, :]
         act = tl.load(act_ptr + offsets, mask=mask, other=0.).to(tl.float32)
