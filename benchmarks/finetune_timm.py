@@ -90,7 +90,8 @@ def main(args) -> None:
     wall = {"pretrain": train(["--data-dir", str(pre), "--model", "gcvimoe_xxtiny", "--num-experts", "0",
                                "--epochs", str(args.pretrain_epochs)], out / "pretrain", reuse=True)}
     weights = timm_state_dict(out / "pretrain" / "model", out / "gcvit_xxtiny.pth")
-    command = ["--data-dir", str(data), "--initial-checkpoint", str(weights), "--epochs", "3"]
+    # loading in the training process for both: the ImageNet recipe's workers, forked from a 224 px run, exhaust 24 GiB
+    command = ["--data-dir", str(data), "--initial-checkpoint", str(weights), "--epochs", "3", "--workers", "0"]
     wall["finetune"] = train(command, out / "finetune")
     # the ImageNet recipe's 10 cooldown epochs at min_lr (224 px on a CPU) are left out: 3 epochs each
     wall["gcvimoe_tiny"] = train(["-c", "gcvimoe_tiny", *command, "--cooldown-epochs", "0"], out / "gcvimoe_tiny")
@@ -101,10 +102,11 @@ def main(args) -> None:
         f"--test-images {args.test_images}`. Pre-training: dense `gcvimoe_xxtiny` from scratch (default recipe) on "
         f"Fashion-MNIST classes 0-4 as a 64 px RGB folder, saved as a timm `gcvit_xxtiny` state dict (loaded strictly "
         f"into `timm.create_model('gcvit_xxtiny')`). Fine-tuning on classes 5-9 (the same folder form): "
-        f"`gcvimoe train --data-dir D --initial-checkpoint gcvit_xxtiny.pth --epochs 3`, with no `-c` and with "
-        f"`-c gcvimoe_tiny` (plus `--cooldown-epochs 0`: that recipe adds 10 epochs at min_lr after the schedule, at 224 "
-        f"px, too long for this CPU); one seed each. Wall times are for scale only (a shared 2-core machine; "
-        f"0 = the pre-training of an earlier run, reused).",
+        f"`gcvimoe train --data-dir D --initial-checkpoint gcvit_xxtiny.pth --epochs 3 --workers 0`, with no `-c` "
+        f"and with `-c gcvimoe_tiny` (plus `--cooldown-epochs 0`: that recipe adds 10 epochs at min_lr after the "
+        f"schedule, at 224 px, too long for this CPU). `--workers 0` on both: with the recipe's 8 loader processes, "
+        f"and with 2, the 224 px run went out of this 24 GiB machine's memory at its second epoch. One seed each. "
+        f"Wall times are for scale only (a shared 2-core machine; 0 = the pre-training of an earlier run, reused).",
         "",
         "| run | recipe (header) | top-1 per epoch | best top-1 | wall (s) |",
         "|---|---|---|---|---|",
